@@ -1,0 +1,36 @@
+# `make demo` and `make test` work from a fresh clone: each creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Installing is redone only when pyproject.toml changes.
+STAMP := $(VENV)/.installed-stamp
+# Small models on few cores: one intra-op thread per process avoids OpenMP oversubscription
+# between the test workers and the data loader (see README, "Threads").
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test test-fast bench install clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, pinned: its CPU wheel; a bare `torch` would pull a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) train.py
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+bench: $(STAMP)
+	$(PY) -m lightrlhf.bench
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache
