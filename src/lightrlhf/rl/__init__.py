@@ -1,0 +1,46 @@
+"""Pure tensor functions for RLHF: one equation per function, one concept per file."""
+
+from lightrlhf.rl.gae import gae
+from lightrlhf.rl.kl import kl_abs, kl_k1, kl_k2, kl_k3, kl_penalty
+from lightrlhf.rl.kl_control import AdaptiveKLController, FixedKLController
+from lightrlhf.rl.logprobs import entropy_from_logits, token_logprobs
+from lightrlhf.rl.masked import masked_mean, masked_sum, masked_var, masked_whiten
+from lightrlhf.rl.normalize import RunningMeanStd
+from lightrlhf.rl.ppo import (
+    PolicyLossResult,
+    ValueLossResult,
+    clipped_value_loss,
+    explained_variance,
+    ppo_policy_loss,
+)
+from lightrlhf.rl.preference import bradley_terry_loss
+from lightrlhf.rl.rewards import last_valid_index, per_token_rewards
+from lightrlhf.rl.sampling import filter_logits, sample_tokens
+
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "PolicyLossResult",
+    "RunningMeanStd",
+    "ValueLossResult",
+    "bradley_terry_loss",
+    "clipped_value_loss",
+    "entropy_from_logits",
+    "explained_variance",
+    "filter_logits",
+    "gae",
+    "kl_abs",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "kl_penalty",
+    "last_valid_index",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "per_token_rewards",
+    "ppo_policy_loss",
+    "sample_tokens",
+    "token_logprobs",
+]

@@ -1,0 +1,55 @@
+"""Next-token sampling: temperature, top-k and nucleus (top-p) filtering."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightrlhf.validation import in_range, non_negative
+
+
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Set the logits of removed tokens to -inf; returns a new tensor [..., V].
+
+    top_k: keep the k largest logits (0 = off); tokens tied with the k-th are all kept.
+    top_p: then keep the smallest set of most probable tokens whose cumulative probability,
+      under the softmax of the top-k-filtered logits, reaches top_p (Holtzman et al. 2020, "The
+      Curious Case of Neural Text Degeneration"); at least one token is always kept, and among
+      tokens of equal probability the lower index is kept first.
+    """
+    non_negative("top_k", top_k)
+    in_range("top_p", top_p, 0.0, 1.0)
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        # detail: stable sort, so ties are broken by index and the result is deterministic.
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+        # detail: cumulative sums in float32; summing a bf16 softmax loses the boundary.
+        probs = torch.softmax(sorted_logits.float(), dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        # A token is dropped once the more probable ones already reach top_p. detail: the 1e-6
+        # slack lets a set that reaches top_p exactly on paper (0.5 + 0.3 for 0.8) count as
+        # reaching it despite float rounding. The first token has mass_before 0 and is kept.
+        drop_sorted = mass_before >= top_p - 1e-6
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_tokens(
+    logits: Tensor,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One token per row of logits [B, V]: argmax when temperature == 0, otherwise a draw from
+    softmax(filter_logits(logits / temperature, top_k, top_p)). Returns long [B]."""
+    non_negative("temperature", temperature)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    filtered = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = torch.softmax(filtered, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
