@@ -1,0 +1,64 @@
+"""LoRA adapters on one frozen base, addressed by role name.
+
+peft's `set_adapter(name)` flips `requires_grad`: it makes `name` trainable and freezes the others,
+frozen roles included (checked with peft 0.21). So nothing here asks `requires_grad` which weights
+belong to a role. The weights of a role are found by *name* — peft stores adapter `a` of layer `l`
+as `l.lora_A.a.weight`, `l.lora_B.a.weight`, and whole modules trained alongside as
+`l.modules_to_save.a.*` — and optimizers and checkpoints are built from those names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+
+_ADAPTER_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                       "modules_to_save", "trainable_tokens_delta")
+
+
+def adapter_parameter_names(model: nn.Module, adapter: str) -> list[str]:
+    """Names (as in `model.named_parameters()`) of every parameter that belongs to `adapter`."""
+    names = []
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        for i in range(len(parts) - 1):
+            if parts[i] in _ADAPTER_CONTAINERS and parts[i + 1] == adapter:
+                names.append(name)
+                break
+    return names
+
+
+def parameters_by_name(model: nn.Module, names: list[str]) -> list[nn.Parameter]:
+    table = dict(model.named_parameters())
+    return [table[n] for n in names]
+
+
+def add_adapter(peft_model, adapter: str, lora_config) -> None:
+    """Add a fresh LoRA adapter (B = 0, so the model's output is unchanged until it trains)."""
+    peft_model.add_adapter(adapter, lora_config)
+
+
+@contextlib.contextmanager
+def active_adapter(peft_model, adapter: str | None) -> Iterator[None]:
+    """Run the block with `adapter` active (None: every adapter off, i.e. the bare base).
+
+    The trainable flags that `set_adapter` changes are restored afterwards by name, so a role that
+    is frozen stays frozen whatever the order of passes.
+    """
+    flags = {n: p.requires_grad for n, p in peft_model.named_parameters()}
+    try:
+        if adapter is None:
+            with peft_model.disable_adapter():
+                yield
+        else:
+            previous = peft_model.active_adapter
+            peft_model.set_adapter(adapter)
+            try:
+                yield
+            finally:
+                peft_model.set_adapter(previous)
+    finally:
+        for name, param in peft_model.named_parameters():
+            param.requires_grad_(flags[name])
