@@ -1,0 +1,172 @@
+"""LightningDataModules: read a `DataSource`, tokenize, batch, and resume mid-epoch.
+
+Training loaders are torchdata `StatefulDataLoader`s shuffled by their own seeded generator:
+Lightning stores their position in every checkpoint, so a resumed run continues with the very
+batch an uninterrupted run would have seen next.
+
+Each module keeps a `summary` of what it read (detected format, examples kept, what was dropped or
+truncated and why); stages log it, so nothing is filtered silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import Dataset, Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from lightrlhf.data.formats import LoadReport, load_sft
+from lightrlhf.data.source import DataSource
+from lightrlhf.data.tokenize import SFTFeatures, TruncationReport, encode_sft, prompt_text, encode_prompt
+from lightrlhf.errors import UserError
+from lightrlhf.validation import non_negative, positive
+
+log = logging.getLogger(__name__)
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A fresh permutation every epoch that depends only on (seed, epoch).
+
+    Lightning calls `set_epoch` at the start of each epoch (as it does for a DistributedSampler),
+    so a run resumed mid-epoch replays the same order for the rest of that epoch and for every
+    later one. (A shared `torch.Generator` drifts after a mid-epoch restore of a
+    StatefulDataLoader -- the next epoch's order then differs from an uninterrupted run.)
+    """
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+class ListDataset(Dataset):
+    def __init__(self, items: Sequence[Any]):
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.items[index]
+
+
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    width = width or max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def collate_sft(pad_id: int) -> Callable[[list[SFTFeatures]], dict[str, torch.Tensor]]:
+    def collate(batch: list[SFTFeatures]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = right_pad([f.input_ids for f in batch], pad_id)
+        positions = torch.arange(input_ids.shape[1])[None, :]
+        prompt_lengths = torch.tensor([f.prompt_length for f in batch])[:, None]
+        completion_mask = (positions >= prompt_lengths).long() * attention_mask
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+    return collate
+
+
+class _SourceDataModule(L.LightningDataModule):
+    """Shared plumbing: load train/validation from the source once, build loaders."""
+
+    kind = ""
+
+    def __init__(self, source: DataSource, tokenizer, batch_size: int = 16, eval_batch_size: int | None = None,
+                 num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        positive("batch_size", batch_size)
+        non_negative("num_workers", num_workers)
+        self.source, self.tokenizer = source, tokenizer
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.seed = num_workers, seed
+        self.train_set: ListDataset | None = None
+        self.val_set: ListDataset | None = None
+        self.summary: dict[str, Any] = {}
+
+    @property
+    def evaluator(self):
+        return self.source.evaluator
+
+    def _read(self, loader: Callable[..., tuple[list, LoadReport]]) -> tuple[list, list]:
+        src = self.source
+        train, report = loader(src.path, split=src.split, **src.options())
+        self._note("train", report)
+        if src.validation_path is not None:
+            val, val_report = loader(src.validation_path, split=src.validation_split, **src.options())
+            self._note("validation", val_report)
+        else:
+            train, val = src.hold_out(train)
+            self.summary["validation/held_out_from_train"] = len(val)
+        return train, val
+
+    def _note(self, split: str, report: LoadReport) -> None:
+        dropped = ", ".join(f"{k}: {v}" for k, v in sorted(report.dropped.items())) or "none"
+        log.info("%s data %s: format %r detected, %d of %d rows kept (dropped: %s)",
+                 split, report.source, report.format, report.kept, report.rows, dropped)
+        self.summary.update({f"{split}/format": report.format, f"{split}/rows": report.rows,
+                             f"{split}/kept": report.kept})
+        self.summary.update({f"{split}/dropped_{k}": v for k, v in report.dropped.items()})
+
+    def _tokenized(self, split: str, items: list, encode: Callable[[Any, TruncationReport], Any]) -> ListDataset:
+        report = TruncationReport()
+        features = [f for f in (encode(item, report) for item in items) if f is not None]
+        self.summary.update(report.as_dict(split))
+        if report.counts:
+            log.info("%s data: %s", split, ", ".join(f"{k}: {v}" for k, v in sorted(report.counts.items())))
+        if split == "train" and not features:
+            raise UserError(f"{self.source.path}: no training example fits in data.max_length="
+                            f"{self.source.max_length} tokens")
+        return ListDataset(features)
+
+    def _loader(self, dataset: ListDataset, collate: Callable, train: bool) -> StatefulDataLoader:
+        sampler = EpochShuffleSampler(len(dataset), self.seed) if train else None
+        return StatefulDataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size,
+                                  sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
+                                  drop_last=train and len(dataset) >= self.batch_size)
+
+    def validation_prompts(self, n: int) -> list[tuple[list[int], str]]:
+        """(prompt ids, prompt text) of the first `n` validation examples, for sampling."""
+        return [(encode_prompt(self.tokenizer, ex.prompt), prompt_text(self.tokenizer, ex.prompt))
+                for ex in self.val_examples[:n]]
+
+
+class SFTDataModule(_SourceDataModule):
+    """Prompt/completion (or chat) data for supervised fine-tuning."""
+
+    kind = "sft"
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train, self.val_examples = self._read(load_sft)
+        src = self.source
+
+        def encode(example, report):
+            return encode_sft(self.tokenizer, example.prompt, example.completion, src.max_length,
+                              src.max_prompt_length, report)
+
+        self.train_set = self._tokenized("train", train, encode)
+        self.val_set = self._tokenized("validation", self.val_examples, encode)
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        return self._loader(self.train_set, collate_sft(self.tokenizer.pad_token_id), train=True)
+
+    def val_dataloader(self) -> StatefulDataLoader:
+        return self._loader(self.val_set, collate_sft(self.tokenizer.pad_token_id), train=False)

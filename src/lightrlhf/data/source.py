@@ -1,0 +1,65 @@
+"""What a data config says: where the examples are and how to read them.
+
+`conf/data/*.yaml` are `DataSource`s. A source names files or hub datasets, not a kind of data: the
+stage decides whether to read them as SFT examples, preference pairs or prompts, so one
+`data=jsonl data.train=<file>` works for every stage whose format the file holds.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from lightrlhf.validation import in_range, positive, require
+
+T = TypeVar("T")
+Evaluator = Callable[[list[str], list[str]], list[float]]
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Train (and optionally validation) data, plus how to read and check it.
+
+    Without `validation_path`, a fixed `val_fraction` of the training examples is held out (the same
+    ones on every run and every resume: the split depends only on `split_seed`).
+
+    `evaluator`, when set, scores generated text with a task's own measure of quality (the demo's
+    hidden gold score); stages log it under `eval/<evaluator.name>` and never train on it.
+    """
+
+    path: str
+    validation_path: str | None = None
+    val_fraction: float = 0.05
+    split_seed: int = 0
+    split: str | None = None  # hub datasets: the split to read (default "train")
+    validation_split: str | None = None
+    format: str = "auto"
+    strict: bool = False  # ties and empty responses are errors instead of being dropped and counted
+    drop_duplicates: bool = False
+    margin_from_scores: bool = False  # preference data with scores: use score_chosen - score_rejected
+    max_length: int = 512  # prompt + response tokens
+    max_prompt_length: int = 256  # prompts are cut from the left to this many tokens
+    evaluator: Evaluator | None = None
+
+    def __post_init__(self) -> None:
+        require(bool(self.path), "path", "must name a data file or a hub dataset")
+        in_range("val_fraction", self.val_fraction, 0.0, 0.5)
+        positive("max_length", self.max_length)
+        positive("max_prompt_length", self.max_prompt_length)
+        require(self.max_prompt_length < self.max_length, "max_prompt_length",
+                f"must be smaller than max_length ({self.max_length}), got {self.max_prompt_length}")
+
+    def options(self) -> dict[str, Any]:
+        return {"format": self.format, "strict": self.strict, "drop_duplicates": self.drop_duplicates}
+
+    def hold_out(self, examples: Sequence[T]) -> tuple[list[T], list[T]]:
+        """(train, validation) taken from `examples` by a fixed shuffle; at least one of each."""
+        if len(examples) < 2:
+            return list(examples), []
+        order = list(range(len(examples)))
+        random.Random(self.split_seed).shuffle(order)
+        n_val = min(len(examples) - 1, max(1, round(self.val_fraction * len(examples))))
+        held = set(order[:n_val])
+        return ([e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)])

@@ -1,0 +1,102 @@
+"""Turning normalised examples into token ids, with every truncation counted.
+
+Prompt and response are tokenized separately and concatenated: the prompt with the tokenizer's
+special tokens (its BOS) or, for a conversation, through the chat template with the generation
+prompt appended; the response without special tokens, followed by EOS. This is exactly the
+boundary the model sees when it generates (prompt tokens, then its own tokens), so training and
+sampling agree, and a BPE merge across the boundary can never move a token between the two.
+
+Over-long examples keep their response: the prompt is cut from the *left* (its most recent part
+is the part that matters), to `max_prompt_length` and then to whatever `max_length` leaves. SFT
+completions that still do not fit are cut on the right; preference responses are never cut (a
+cut response is a different response than the one that was judged), so such pairs are dropped.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from lightrlhf.data.formats import Prompt
+
+
+def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt)["input_ids"])
+    # detail: the chat template already writes the BOS; tokenizing its text again with special
+    # tokens would add a second one, so take the ids straight from the template.
+    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+    return list(ids)
+
+
+def encode_response(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+
+
+def prompt_text(tokenizer, prompt: Prompt) -> str:
+    """The prompt as the model reads it (template applied), for logs and text-based scorers."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+
+
+@dataclass
+class TruncationReport:
+    examples: int = 0
+    counts: Counter = field(default_factory=Counter)
+
+    def note(self, what: str) -> None:
+        self.counts[what] += 1
+
+    def as_dict(self, prefix: str) -> dict[str, int]:
+        return {f"{prefix}/{k}": v for k, v in sorted(self.counts.items())}
+
+
+def fit_prompt(prompt_ids: list[int], budget: int, report: TruncationReport) -> list[int]:
+    if len(prompt_ids) > budget:
+        report.note("prompt_truncated")
+        return prompt_ids[len(prompt_ids) - budget:] if budget > 0 else []
+    return prompt_ids
+
+
+@dataclass(frozen=True)
+class SFTFeatures:
+    input_ids: list[int]
+    prompt_length: int
+
+
+def encode_sft(tokenizer, prompt: Prompt, completion: str, max_length: int, max_prompt_length: int,
+               report: TruncationReport) -> SFTFeatures | None:
+    report.examples += 1
+    prompt_ids = fit_prompt(encode_prompt(tokenizer, prompt), max_prompt_length, report)
+    response_ids = encode_response(tokenizer, completion)
+    room = max_length - len(prompt_ids)
+    if len(response_ids) > room:
+        report.note("completion_truncated")
+        response_ids = response_ids[:room]
+    if not response_ids:
+        report.note("dropped_no_room")
+        return None
+    return SFTFeatures(prompt_ids + response_ids, len(prompt_ids))
+
+
+@dataclass(frozen=True)
+class PairFeatures:
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    chosen_prompt_length: int
+    rejected_prompt_length: int
+    margin: float
+
+
+def encode_pair(tokenizer, prompt: Prompt, chosen: str, rejected: str, margin: float | None, max_length: int,
+                max_prompt_length: int, report: TruncationReport) -> PairFeatures | None:
+    report.examples += 1
+    chosen_ids, rejected_ids = encode_response(tokenizer, chosen), encode_response(tokenizer, rejected)
+    room = max_length - max(len(chosen_ids), len(rejected_ids))
+    if room < 1:
+        report.note("dropped_response_too_long")
+        return None
+    prompt_ids = fit_prompt(encode_prompt(tokenizer, prompt), min(max_prompt_length, room), report)
+    return PairFeatures(prompt_ids + chosen_ids, prompt_ids + rejected_ids, len(prompt_ids), len(prompt_ids),
+                        0.0 if margin is None else float(margin))
