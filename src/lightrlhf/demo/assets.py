@@ -26,10 +26,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lightrlhf.demo.corpus import pretraining_texts
 from lightrlhf.demo.language import SPECIAL_TOKENS, vocabulary
+from lightrlhf.demo.shipped import TINY_DIR
 from lightrlhf.io import atomic_directory
 
-ASSETS_DIR = Path(__file__).parent / "assets"
-TINY_DIR = ASSETS_DIR / "tiny"
 
 # The size the feasibility figures in the design notes found sufficient; larger costs time and
 # teaches the demo nothing more.

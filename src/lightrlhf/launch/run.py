@@ -1,0 +1,285 @@
+"""`run(cfg)`: what `python train.py` does with a composed config.
+
+    compose (Hydra) -> check and build the parts -> fit (Lightning) -> export -> metrics.json -> metric
+
+A run directory holds exactly one run. `resume=<dir>` re-composes the config from the overrides
+that run was launched with (recorded in `run.json`) plus the ones given now -- so
+`python train.py resume=<dir> trainer.max_steps=400` is enough -- and continues from the newest
+complete checkpoint in `<dir>/checkpoints`, writing into the same TensorBoard run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lightrlhf.callbacks.checkpoint import AtomicCheckpointIO, checkpoint_files, latest_checkpoint
+from lightrlhf.errors import ConfigError, UserError
+from lightrlhf.io import atomic_write_text, ensure_writable_dir
+from lightrlhf.launch.build import build
+from lightrlhf.launch.cli import exit_for_user_error
+from lightrlhf.validation import positive
+
+log = logging.getLogger("lightrlhf")
+RUN_RECORD = "run.json"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.json"
+# Config groups that define what a run *is*; a resumed run may not switch them.
+IDENTITY_GROUPS = ("stage", "model", "data")
+TOP_LEVEL_PARTS = ("stage", "model", "data", "trainer", "logger", "callbacks", "paths", "demo", "hydra")
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    enabled: bool = True
+    merged: bool = False  # also write the adapter folded into full weights (export/merged/)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Top-level keys of `conf/train.yaml` (everything that is not a config group)."""
+
+    seed: int = 0
+    resume: str | None = None
+    ckpt_path: str | None = None
+    optimized_metric: str | None = None
+    threads: int | None = None
+    export: ExportSettings = field(default_factory=ExportSettings)
+
+    def __post_init__(self) -> None:
+        if self.threads is not None:
+            positive("threads", self.threads)
+
+
+def to_plain(cfg: DictConfig) -> dict[str, Any]:
+    """Resolve every interpolation; a bad one is a config error naming its key."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", "") or ""
+        message = str(error).splitlines()[0]
+        raise ConfigError(str(key), message) from None
+
+
+def _settings(plain: dict[str, Any]) -> RunSettings:
+    top = {k: v for k, v in plain.items() if k not in TOP_LEVEL_PARTS}
+    return build({"_target_": f"{__name__}.RunSettings", **top}, "")
+
+
+def _is_rank_zero() -> bool:
+    # Lightning's DDP launcher re-runs this script once per extra rank with these variables set.
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+# -- run directory bookkeeping ---------------------------------------------------------------------
+def read_record(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / RUN_RECORD
+    if not path.is_file():
+        raise UserError(f"resume={run_dir}: no run to resume there (no {RUN_RECORD}; "
+                        "is it the directory of a lightrlhf run?)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise UserError(f"{path}: unreadable run record ({error})") from None
+
+
+def refuse_existing_run(run_dir: Path) -> None:
+    if (run_dir / RUN_RECORD).exists() or checkpoint_files(run_dir / "checkpoints"):
+        raise UserError(f"{run_dir} already holds a run; continue it with resume={run_dir}, "
+                        "or choose a new hydra.run.dir")
+
+
+def _override_key(text: str) -> str:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_override(text).key_or_group
+
+
+def merged_overrides(previous: list[str], current: list[str], choices: dict[str, Any]) -> list[str]:
+    """The recorded overrides with the current ones applied on top (last one per key wins)."""
+    current = [o for o in current if _override_key(o) != "resume"]
+    for text in current:
+        key = _override_key(text)
+        if key in IDENTITY_GROUPS and "=" in text and text.split("=", 1)[1] != str(choices.get(key)):
+            raise UserError(f"resume: cannot change {key} of an existing run "
+                            f"(it was {key}={choices.get(key)}); start a new run instead")
+    by_key: dict[str, str] = {}
+    for text in previous + current:
+        by_key.pop(_override_key(text), None)
+        by_key[_override_key(text)] = text
+    return list(by_key.values())
+
+
+def recompose_for_resume(run_dir: Path, current: list[str], config_name: str) -> tuple[DictConfig, list[str]]:
+    from hydra import compose
+
+    record = read_record(run_dir)
+    overrides = merged_overrides(record.get("overrides", []), current, record.get("choices", {}))
+    cfg = compose(config_name=config_name, overrides=overrides)
+    return cfg, overrides
+
+
+def write_record(run_dir: Path, overrides: list[str], choices: dict[str, Any], cfg: DictConfig) -> None:
+    record = {"overrides": [o for o in overrides if _override_key(o) != "resume"],
+              "choices": {k: v for k, v in choices.items() if not k.startswith("hydra")}}
+    previous = run_dir / RUN_RECORD
+    if previous.exists():
+        record["launches"] = json.loads(previous.read_text()).get("launches", 1) + 1
+    else:
+        record["launches"] = 1
+    atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg))
+    atomic_write_text(previous, json.dumps(record, indent=1))
+
+
+# -- the run ---------------------------------------------------------------------------------------
+def run(cfg: DictConfig) -> float | None:
+    """Entry for `train.py`: returns the metric to optimise (NaN for a failed run in a sweep)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        return run_in(cfg, run_dir, list(hydra_cfg.overrides.task), dict(hydra_cfg.runtime.choices),
+                      hydra_cfg.job.config_name)
+    except Exception as error:
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            if isinstance(error, UserError):
+                exit_for_user_error(error)
+            raise
+        # One failed run must not end a sweep: record why, report NaN (Optuna marks it failed).
+        message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+        log.error("run failed: %s", message, exc_info=not isinstance(error, UserError))
+        atomic_write_text(run_dir / METRICS_FILE, json.dumps({"status": "failed", "error": message}, indent=1))
+        return float("nan")
+
+
+def run_in(cfg: DictConfig, run_dir: Path, overrides: list[str], choices: dict[str, Any],
+           config_name: str = "train") -> float | None:
+    started = time.perf_counter()
+    ensure_writable_dir(run_dir, "run directory")
+    resume = cfg.get("resume")
+    if resume:
+        if Path(str(resume)).expanduser().resolve() != run_dir.resolve():
+            raise UserError(f"resume={resume} but the run directory is {run_dir}; "
+                            "leave hydra.run.dir unset when resuming")
+        cfg, overrides = recompose_for_resume(run_dir, overrides, config_name)
+        OmegaConf.update(cfg, "resume", str(run_dir), merge=False)
+        choices = {**read_record(run_dir).get("choices", {}), **choices}
+    elif _is_rank_zero():
+        refuse_existing_run(run_dir)
+    plain = to_plain(cfg)
+    settings = _settings(plain)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+
+    import lightning as L
+
+    L.seed_everything(settings.seed, workers=True, verbose=False)
+    ckpt_path = _checkpoint_to_load(settings, run_dir)
+    # Everything that can be wrong with the config or the data is found here, before the run
+    # directory is claimed (run.json) and before any training starts.
+    stage, datamodule = build_stage(plain)
+    trainer = build_trainer(plain, ckpt_path)
+    if _is_rank_zero():
+        write_record(run_dir, overrides, choices, cfg)
+    log.info("run directory: %s", run_dir)
+    trainer.fit(stage, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+    if getattr(stage, "last_validated_step", trainer.global_step) != trainer.global_step:
+        # the final metrics describe the final weights, whatever val_check_interval was
+        trainer.validate(stage, datamodule=datamodule, verbose=False)
+    metrics = collect_metrics(trainer, stage)
+    if settings.export.enabled and trainer.is_global_zero:
+        stage.export(run_dir / "export", config=_exported_config(plain), metrics=metrics, merged=settings.export.merged)
+    if trainer.is_global_zero:
+        record = {"status": "completed", "stage": choices.get("stage"), "global_step": trainer.global_step,
+                  "wall_time_s": round(time.perf_counter() - started, 2), "metrics": metrics,
+                  "data": dict(getattr(datamodule, "summary", {}))}
+        atomic_write_text(run_dir / METRICS_FILE, json.dumps(record, indent=1))
+        log.info("metrics: %s", json.dumps(metrics))
+    return optimized_value(settings, stage, metrics)
+
+
+def _checkpoint_to_load(settings: RunSettings, run_dir: Path) -> Path | None:
+    if settings.resume:
+        found = latest_checkpoint(run_dir / "checkpoints")
+        if found is None:
+            log.warning("resume: no checkpoint in %s yet; starting this run from the beginning", run_dir)
+        return found
+    if settings.ckpt_path:
+        path = Path(settings.ckpt_path).expanduser()
+        if not path.is_file():
+            raise ConfigError("ckpt_path", f"{path} is not a checkpoint file")
+        return path
+    return None
+
+
+def build_stage(plain: dict[str, Any]):
+    """(stage LightningModule, its datamodule) from the `stage` and `data` nodes."""
+    from lightrlhf.models.loading import load_tokenizer
+
+    stage_node = dict(plain["stage"])
+    # detail: `model` and `data` are built from their own top-level nodes, so an error names the
+    # key the user typed (`model.lora.r`), not the place the stage refers to it from.
+    spec = build(plain["model"], "model")
+    tokenizer = load_tokenizer(spec)
+    source = build(plain["data"], "data")
+    datamodule = build(stage_node.pop("datamodule"), "stage.datamodule", source=source, tokenizer=tokenizer)
+    datamodule.setup("fit")  # data errors surface before a large model is loaded
+    model = build(stage_node.pop("model"), "stage.model", spec=spec, tokenizer=tokenizer)
+    stage = build(stage_node, "stage", model=model, datamodule=datamodule)
+    return stage, datamodule
+
+
+def build_trainer(plain: dict[str, Any], ckpt_path: Path | None):
+    callbacks = [build(node, f"callbacks.{name}") for name, node in (plain.get("callbacks") or {}).items() if node]
+    loggers = []
+    for name, node in (plain.get("logger") or {}).items():
+        if not node:
+            continue
+        extra = {}
+        if ckpt_path is not None and str(node.get("_target_", "")).endswith("TensorBoardLogger"):
+            # detail: events written after the checkpoint by the killed run are hidden, so the
+            # resumed curve continues without a second copy of those steps.
+            extra["purge_step"] = _step_of(ckpt_path) + 1
+        loggers.append(build(node, f"logger.{name}", **extra))
+    trainer_node = dict(plain["trainer"])
+    plugins = list(trainer_node.pop("plugins", None) or []) + [AtomicCheckpointIO()]
+    return build(trainer_node, "trainer", callbacks=callbacks, logger=loggers or False, plugins=plugins)
+
+
+def _step_of(ckpt_path: Path) -> int:
+    name = ckpt_path.name
+    if name.startswith("step-"):
+        return int(name[len("step-"):].split(".")[0])
+    return int(torch.load(ckpt_path, map_location="cpu", weights_only=True).get("global_step", 0))
+
+
+def collect_metrics(trainer, stage) -> dict[str, float]:
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    metrics.update(stage.final_metrics())
+    return dict(sorted(metrics.items()))
+
+
+def _exported_config(plain: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in plain.items() if k != "hydra"}
+
+
+def optimized_value(settings: RunSettings, stage, metrics: dict[str, float]) -> float | None:
+    name = settings.optimized_metric or getattr(stage, "default_metric", None)
+    if name is None:
+        return None
+    if name not in metrics:
+        raise ConfigError("optimized_metric", f"{name!r} is not among the run's metrics ({', '.join(metrics)})")
+    return metrics[name]

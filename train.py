@@ -1,0 +1,15 @@
+"""lightrlhf's one entry point: `python train.py stage=<stage> model=<model> data=<data> [overrides]`."""
+
+import hydra
+from omegaconf import DictConfig
+
+from lightrlhf.launch import cli, run
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    cli(main)
