@@ -1,0 +1,89 @@
+"""Shared test fixtures: config composition, the real CLI in a subprocess, tiny demo parts.
+
+Generated demo data goes to one cache directory per test session (LIGHTRLHF_CACHE_DIR), so it is
+produced once and every test reads the same files.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+FIXTURES = Path(__file__).parent / "fixtures"
+
+# Tests train tiny models: one intra-op thread avoids oversubscribing the 2-core CI machine.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def demo_cache(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("lightrlhf-cache")
+    os.environ["LIGHTRLHF_CACHE_DIR"] = str(path)
+    return path
+
+
+def compose(overrides: list[str], output_dir: Path | None = None):
+    """The config `python train.py <overrides>` would run, with paths.output_dir set."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import lightrlhf.launch  # noqa: F401  (registers the resolvers)
+
+    extra = [f"paths.output_dir={output_dir}"] if output_dir is not None else []
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides + extra)
+
+
+def run_in_process(overrides: list[str], run_dir: Path):
+    """Run training in this process exactly as train.py would (no Hydra job machinery)."""
+    from hydra import initialize_config_dir
+    from hydra import compose as hydra_compose
+
+    from lightrlhf.launch.run import run_in
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    overrides = overrides + [f"paths.output_dir={run_dir}"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose(config_name="train", overrides=overrides, return_hydra_config=True)
+        choices = dict(cfg.hydra.runtime.choices)
+        from omegaconf import open_dict
+
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return run_in(cfg, run_dir, overrides, choices)
+
+
+def train_cli(args: list[str], timeout: float = 600, script: list[str] | None = None, env: dict | None = None):
+    """Run the real entry point in a subprocess; returns CompletedProcess (text)."""
+    command = [sys.executable] + (script or [str(ROOT / "train.py")]) + args
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+FAULTS = [str(Path(__file__).parent / "support" / "run_with_faults.py")]
+
+
+def train_with_fault(fault: str, args: list[str], timeout: float = 600):
+    return train_cli([fault] + args, timeout=timeout, script=FAULTS)
+
+
+@pytest.fixture(scope="session")
+def tiny_spec():
+    from lightrlhf.launch.resolvers import asset
+    from lightrlhf.models.spec import LoraSpec, ModelSpec
+
+    return ModelSpec(name_or_path=asset("tiny"), lora=LoraSpec(r=8, alpha=16))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_spec):
+    from lightrlhf.models.loading import load_tokenizer
+
+    return load_tokenizer(tiny_spec)

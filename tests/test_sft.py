@@ -1,0 +1,57 @@
+"""SFT: completion-only masking on a hand-made batch, the loss falls, full fine-tuning works."""
+
+from __future__ import annotations
+
+import torch
+
+from lightrlhf.data.modules import collate_sft
+from lightrlhf.data.tokenize import SFTFeatures, TruncationReport, encode_sft
+from lightrlhf.stages.sft import sft_loss
+
+
+def test_completion_only_mask_on_a_hand_made_batch():
+    # prompt [5 6 7] + completion [8 9 EOS=2]; a shorter second row padded with 0
+    batch = collate_sft(pad_id=0)([SFTFeatures([5, 6, 7, 8, 9, 2], 3), SFTFeatures([5, 8, 2], 1)])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 2], [5, 8, 2, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]
+    assert batch["completion_mask"].tolist() == [[0, 0, 0, 1, 1, 1], [0, 1, 1, 0, 0, 0]]
+
+
+def test_sft_loss_counts_exactly_the_masked_next_tokens():
+    vocab = 4
+    logits = torch.zeros(1, 4, vocab)
+    logits[0, 1, 3] = 2.0  # predicts token 3 at position 2
+    input_ids = torch.tensor([[1, 2, 3, 0]])
+    mask = torch.tensor([[0, 0, 1, 0]])  # only the prediction of position 2 counts
+    loss, tokens = sft_loss(logits, input_ids, mask)
+    # -log softmax([0, 0, 0, 2])[3] = -(2 - log(3 + e^2))
+    expected = -(2 - torch.log(torch.tensor(3.0) + torch.exp(torch.tensor(2.0))))
+    assert tokens.item() == 1
+    torch.testing.assert_close(loss, expected)
+
+
+def test_tokenized_sft_example_has_one_bos_and_ends_with_eos(tiny_tokenizer):
+    report = TruncationReport()
+    features = encode_sft(tiny_tokenizer, "explain river rain :", "the river flows .", 64, 16, report)
+    ids = features.input_ids
+    assert ids[0] == tiny_tokenizer.bos_token_id and ids.count(tiny_tokenizer.bos_token_id) == 1
+    assert ids[-1] == tiny_tokenizer.eos_token_id
+    assert tiny_tokenizer.decode(ids[features.prompt_length:], skip_special_tokens=True) == "the river ."  # "flows" is <unk>
+
+
+def test_chat_prompt_is_templated_once(tiny_tokenizer):
+    report = TruncationReport()
+    messages = [{"role": "user", "content": "explain river rain :"}]
+    features = encode_sft(tiny_tokenizer, messages, "the river .", 64, 16, report)
+    prompt = features.input_ids[: features.prompt_length]
+    assert prompt.count(tiny_tokenizer.bos_token_id) == 1
+    assert tiny_tokenizer.convert_ids_to_tokens(prompt[-1]) == "<|assistant|>"
+
+
+def test_over_long_prompt_is_cut_from_the_left_and_counted(tiny_tokenizer):
+    report = TruncationReport()
+    prompt = " ".join(["river"] * 30) + " rain :"
+    features = encode_sft(tiny_tokenizer, prompt, "the river .", 64, 8, report)
+    assert features.prompt_length == 8
+    assert tiny_tokenizer.decode(features.input_ids[:8]).endswith("river rain :")
+    assert report.counts["prompt_truncated"] == 1
