@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) train.py
+	$(PY) train.py experiment=demo
 
 test: $(STAMP)
 	$(PY) -m pytest

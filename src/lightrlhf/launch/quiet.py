@@ -29,7 +29,7 @@ def quiet() -> None:
         warnings.filterwarnings("ignore", message=pattern)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropTips())
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         # Lightning gives its loggers a stderr handler of their own; let them go through Hydra's
         # handlers instead (console on stdout and the run's train.log), so stderr is for errors.
         logger = logging.getLogger(name)

@@ -207,7 +207,8 @@ def run_in(cfg: DictConfig, run_dir: Path, overrides: list[str], choices: dict[s
                   "wall_time_s": round(time.perf_counter() - started, 2), "metrics": metrics,
                   "data": dict(getattr(datamodule, "summary", {}))}
         atomic_write_text(run_dir / METRICS_FILE, json.dumps(record, indent=1))
-        log.info("metrics: %s", json.dumps(metrics))
+        for line in summary_lines(record, stage, run_dir):
+            log.info(line)
     return optimized_value(settings, stage, metrics)
 
 
@@ -270,6 +271,23 @@ def collect_metrics(trainer, stage) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     metrics.update(stage.final_metrics())
     return dict(sorted(metrics.items()))
+
+
+def summary_lines(record: dict[str, Any], stage, run_dir: Path) -> list[str]:
+    """What a researcher wants at the end of a run: the headline metrics and where things are."""
+    metrics = record["metrics"]
+    lines = [f"{record['stage']} finished: {record['global_step']} optimizer steps in {record['wall_time_s']:.1f} s"]
+    for name in sorted(k for k in metrics if k.endswith("_initial") and not k.endswith("_std_initial")):
+        final = name[: -len("_initial")]
+        if final in metrics:
+            lines.append(f"  {final}: {metrics[name]:.3f} at start -> {metrics[final]:.3f} "
+                         f"({metrics[final] - metrics[name]:+.3f})")
+    headline = getattr(stage, "default_metric", None)
+    if headline in metrics:
+        lines.append(f"  {headline}: {metrics[headline]:.4f}")
+    lines.append(f"  outputs: {run_dir} (export/, metrics.json, checkpoints/); "
+                 f"tensorboard --logdir {run_dir}")
+    return lines
 
 
 def _exported_config(plain: dict[str, Any]) -> dict[str, Any]:
