@@ -84,7 +84,7 @@ def pretrain_base(tokenizer: PreTrainedTokenizerFast, steps: int = 1500, batch_s
     texts = pretraining_texts(corpus_size, seed)
     ids = [tokenizer(f"{prompt} {response}")["input_ids"] + [tokenizer.eos_token_id] for prompt, response in texts]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
-    warmup = steps // 20
+    warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     generator = torch.Generator().manual_seed(seed)

@@ -6,7 +6,7 @@ signature of the callable it names, so the constructor *is* the schema:
 
 - a key the callable does not take: `config stage.clip_rnage: unknown key for PPOStage (did you mean clip_range?)`
 - a value of the wrong type, from the parameter's annotation: `config stage.ppo_epochs: expected int, got str 'four'`
-- a required key that is missing: `config data.train: required, but not set`
+- a required key that is missing: `config data.path: required by DataSource, but not set`
 - a value the constructor rejects (`ConfigValueError` from `lightrlhf.validation`):
   `config model.lora.r: must be > 0, got 0`
 
@@ -136,6 +136,11 @@ def _type_name(hint: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    args = typing.get_args(hint)
+    if origin in (list, collections.abc.Sequence) or (origin is tuple and args and args[-1] is Ellipsis):
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if origin is tuple and args:
+        return f"a list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
     if origin is not None:
         return getattr(origin, "__name__", str(origin))
     return getattr(hint, "__name__", str(hint))
@@ -145,9 +150,8 @@ def check_type(value: Any, hint: Any, key: str) -> Any:
     """`value` converted to fit `hint` (int -> float, list -> tuple, str -> Path), or a ConfigError."""
     ok, converted = _fits(value, hint)
     if not ok:
-        shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-        raise ConfigError(key, f"expected {_type_name(hint)}, got {type(value).__name__} {shown}"
-                          if not isinstance(value, (dict, list)) else f"expected {_type_name(hint)}, got {shown}")
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise ConfigError(key, f"expected {_type_name(hint)}, got {type(value).__name__} {shown}")
     return converted
 
 

@@ -1,0 +1,139 @@
+"""Atomic file and directory writes: a failed writer leaves the old version and no temporary files."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from lightrlhf.errors import UserError
+from lightrlhf.io import (
+    TMP_PREFIX,
+    atomic_directory,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_text,
+    ensure_writable_dir,
+)
+
+
+class WriterFailed(Exception):
+    pass
+
+
+def test_atomic_write_replaces_the_file_and_leaves_nothing_else(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_text("old")
+    atomic_write_text(path, "new ✓")
+    assert path.read_text(encoding="utf-8") == "new ✓"
+    atomic_write_bytes(path, b"\x00\x01")
+    assert path.read_bytes() == b"\x00\x01"
+    assert os.listdir(tmp_path) == ["state.json"]
+
+
+def test_atomic_write_creates_missing_parent_directories(tmp_path):
+    path = tmp_path / "a" / "b" / "c.txt"
+    atomic_write_text(path, "x")
+    assert path.read_text() == "x"
+
+
+@pytest.mark.parametrize("error", [WriterFailed("disk full"), KeyboardInterrupt()])
+def test_failing_writer_leaves_the_old_file_and_no_temp_file(tmp_path, error):
+    path = tmp_path / "state.json"
+    path.write_text("old")
+
+    def write(f):
+        f.write(b"half of the new cont")
+        f.flush()
+        assert any(name.startswith(TMP_PREFIX + "state.json.") for name in os.listdir(tmp_path))
+        raise error
+
+    with pytest.raises(type(error)):
+        atomic_write(path, write)
+    assert path.read_text() == "old"
+    assert os.listdir(tmp_path) == ["state.json"]
+
+
+def test_failing_writer_on_a_new_path_leaves_no_file(tmp_path):
+    def write(f):
+        raise WriterFailed
+
+    with pytest.raises(WriterFailed):
+        atomic_write(tmp_path / "new.bin", write)
+    assert os.listdir(tmp_path) == []
+
+
+def test_atomic_directory_replaces_the_old_one_only_when_the_block_finishes(tmp_path):
+    target = tmp_path / "export"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with atomic_directory(target) as staging:
+        assert staging.parent == tmp_path and staging.name.startswith(TMP_PREFIX + "export.")
+        (staging / "new.txt").write_text("new")
+        assert sorted(os.listdir(target)) == ["old.txt"]  # not yet replaced
+    assert sorted(os.listdir(target)) == ["new.txt"]
+    assert (target / "new.txt").read_text() == "new"
+    assert os.listdir(tmp_path) == ["export"]  # neither staging nor the moved-aside old copy remain
+
+
+def test_atomic_directory_creates_a_new_directory(tmp_path):
+    target = tmp_path / "nested" / "export"
+    with atomic_directory(target) as staging:
+        (staging / "f").write_text("1")
+    assert os.listdir(target) == ["f"]
+    assert os.listdir(tmp_path / "nested") == ["export"]
+
+
+def test_failing_block_keeps_the_old_directory_and_removes_staging(tmp_path):
+    target = tmp_path / "export"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(WriterFailed):
+        with atomic_directory(target) as staging:
+            (staging / "new.txt").write_text("partial")
+            raise WriterFailed
+    assert not staging.exists()
+    assert os.listdir(target) == ["old.txt"] and (target / "old.txt").read_text() == "old"
+    assert os.listdir(tmp_path) == ["export"]
+
+
+def test_failing_block_on_a_new_path_leaves_nothing(tmp_path):
+    with pytest.raises(WriterFailed):
+        with atomic_directory(tmp_path / "export"):
+            raise WriterFailed
+    assert os.listdir(tmp_path) == []
+
+
+def test_ensure_writable_dir_creates_the_directory_and_leaves_no_probe(tmp_path):
+    path = ensure_writable_dir(tmp_path / "runs" / "a", "output directory")
+    assert path == tmp_path / "runs" / "a" and path.is_dir()
+    assert os.listdir(path) == []
+    assert ensure_writable_dir(str(path), "output directory") == path  # an existing directory is fine
+
+
+def test_ensure_writable_dir_read_only_directory(tmp_path):
+    path = tmp_path / "locked"
+    path.mkdir()
+    path.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        if os.access(path, os.W_OK):
+            pytest.skip("running as root: a read-only mode does not stop writes (see the test below)")
+        with pytest.raises(UserError) as info:
+            ensure_writable_dir(path, "checkpoint directory")
+        assert str(info.value) == f"{path}: cannot write the checkpoint directory there (Permission denied)"
+    finally:
+        path.chmod(stat.S_IRWXU)
+
+
+def test_ensure_writable_dir_path_under_a_file(tmp_path):
+    # fails for every user, root included: a regular file cannot hold a directory
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    path = blocker / "runs"
+    with pytest.raises(UserError) as info:
+        ensure_writable_dir(path, "output directory")
+    message = str(info.value)
+    assert message == f"{path}: cannot write the output directory there (Not a directory)"
+    assert "\n" not in message
+    assert os.listdir(tmp_path) == ["a_file"]
