@@ -27,7 +27,7 @@ A_BETTER, B_BETTER, TIE = "a", "b", "tie"
 
 @dataclass(frozen=True)
 class SimulatedAnnotator:
-    rationality: float = 3.0
+    rationality: float = 5.0
     length_bias: float = 0.0
     tie_rate: float = 0.0
 

@@ -4,7 +4,7 @@ No model ever sees this function. The policy learns only from the reward model, 
 from the simulated annotator's noisy pairwise labels; the gold score is how we measure whether RLHF
 actually made responses better (and catches a policy that fools its reward model).
 
-    gold = 1.0 * relevance + 0.6 * courtesy + 0.8 * length_fit + 0.4 * full_stop - 0.8 * repetition
+    gold = 1.0 * relevance + 0.6 * courtesy + 0.8 * length_fit + 0.4 * full_stop - 0.4 * repetition
 
 - relevance in [-1, 1]: (on-topic - off-topic content words) / content words; generic words dilute.
 - courtesy in (-1, 1): tanh((polite - rude) / 2) -- saturates, so piling up polite words stops paying.
@@ -33,7 +33,7 @@ from lightrlhf.demo.language import (
 
 _WORD = re.compile(r"[^\s.,:!?]+")
 _POLITE, _RUDE, _CONTENT = set(POLITE_WORDS), set(RUDE_WORDS), set(CONTENT_WORDS)
-WEIGHTS = {"relevance": 1.0, "courtesy": 0.6, "length_fit": 0.8, "full_stop": 0.4, "repetition": -0.8}
+WEIGHTS = {"relevance": 1.0, "courtesy": 0.6, "length_fit": 0.8, "full_stop": 0.4, "repetition": -0.4}
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from lightrlhf.demo.gold import gold_score
 from lightrlhf.io import atomic_write_text
 from lightrlhf.validation import one_of, positive
 
-GENERATOR_VERSION = 1  # bump when the language or the writers change, so cached files are rebuilt
+GENERATOR_VERSION = 2  # bump when the language or the writers change, so cached files are rebuilt
 KINDS = ("sft", "preference", "prompts")
 SPLITS = ("train", "validation")
 
@@ -31,7 +31,7 @@ class DemoTask:
     cache_dir: str
     seed: int = 1234
     sft_size: int = 4000
-    preference_size: int = 4000
+    preference_size: int = 16000
     prompt_size: int = 4096
     validation_size: int = 512
     annotator: SimulatedAnnotator = field(default_factory=SimulatedAnnotator)
