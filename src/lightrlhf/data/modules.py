@@ -11,6 +11,7 @@ truncated and why); stages log it, so nothing is filtered silently.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, replace
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,9 +20,18 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from lightrlhf.data.formats import LoadReport, load_sft
+from lightrlhf.data.formats import LoadReport, load_preferences, load_prompts, load_sft
 from lightrlhf.data.source import DataSource
-from lightrlhf.data.tokenize import SFTFeatures, TruncationReport, encode_sft, prompt_text, encode_prompt
+from lightrlhf.data.tokenize import (
+    PairFeatures,
+    SFTFeatures,
+    TruncationReport,
+    encode_pair,
+    encode_prompt,
+    encode_sft,
+    fit_prompt,
+    prompt_text,
+)
 from lightrlhf.errors import UserError
 from lightrlhf.validation import non_negative, positive
 
@@ -83,6 +93,26 @@ def collate_sft(pad_id: int) -> Callable[[list[SFTFeatures]], dict[str, torch.Te
     return collate
 
 
+def collate_pairs(pad_id: int) -> Callable[[list[PairFeatures]], dict[str, torch.Tensor]]:
+    """Chosen and rejected padded to one width, so the stage can run them as one [2B, T] batch."""
+
+    def collate(batch: list[PairFeatures]) -> dict[str, torch.Tensor]:
+        width = max(max(len(f.chosen_ids), len(f.rejected_ids)) for f in batch)
+        chosen_ids, chosen_mask = right_pad([f.chosen_ids for f in batch], pad_id, width)
+        rejected_ids, rejected_mask = right_pad([f.rejected_ids for f in batch], pad_id, width)
+        return {
+            "chosen_ids": chosen_ids, "chosen_mask": chosen_mask,
+            "rejected_ids": rejected_ids, "rejected_mask": rejected_mask,
+            "margin": torch.tensor([f.margin for f in batch], dtype=torch.float32),
+            # response lengths in tokens (EOS included), for the length-bias diagnostics
+            "chosen_length": torch.tensor([len(f.chosen_ids) - f.chosen_prompt_length for f in batch]),
+            "rejected_length": torch.tensor([len(f.rejected_ids) - f.rejected_prompt_length for f in batch]),
+            "index": torch.tensor([f.index for f in batch]),
+        }
+
+    return collate
+
+
 class _SourceDataModule(L.LightningDataModule):
     """Shared plumbing: load train/validation from the source once, build loaders."""
 
@@ -94,6 +124,13 @@ class _SourceDataModule(L.LightningDataModule):
         positive("batch_size", batch_size)
         non_negative("num_workers", num_workers)
         self.source, self.tokenizer = source, tokenizer
+        # detail: never build sequences longer than the model's context; a Llama with RoPE would
+        # run on them without complaint and produce garbage positions.
+        context = getattr(tokenizer, "model_max_length", None) or 0
+        self.max_length = min(source.max_length, context) if 0 < context < 1_000_000 else source.max_length
+        self.max_prompt_length = min(source.max_prompt_length, self.max_length - 1)
+        if self.max_length < source.max_length:
+            log.info("data.max_length=%d exceeds the model's context; using %d", source.max_length, self.max_length)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.seed = num_workers, seed
         self.train_set: ListDataset | None = None
@@ -131,8 +168,8 @@ class _SourceDataModule(L.LightningDataModule):
         if report.counts:
             log.info("%s data: %s", split, ", ".join(f"{k}: {v}" for k, v in sorted(report.counts.items())))
         if split == "train" and not features:
-            raise UserError(f"{self.source.path}: no training example fits in data.max_length="
-                            f"{self.source.max_length} tokens")
+            raise UserError(f"{self.source.path}: no training example fits in {self.max_length} tokens "
+                            "(data.max_length, capped by the model's context)")
         return ListDataset(features)
 
     def _loader(self, dataset: ListDataset, collate: Callable, train: bool) -> StatefulDataLoader:
@@ -156,11 +193,10 @@ class SFTDataModule(_SourceDataModule):
         if self.train_set is not None:
             return
         train, self.val_examples = self._read(load_sft)
-        src = self.source
 
         def encode(example, report):
-            return encode_sft(self.tokenizer, example.prompt, example.completion, src.max_length,
-                              src.max_prompt_length, report)
+            return encode_sft(self.tokenizer, example.prompt, example.completion, self.max_length,
+                              self.max_prompt_length, report)
 
         self.train_set = self._tokenized("train", train, encode)
         self.val_set = self._tokenized("validation", self.val_examples, encode)
@@ -170,3 +206,83 @@ class SFTDataModule(_SourceDataModule):
 
     def val_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.val_set, collate_sft(self.tokenizer.pad_token_id), train=False)
+
+
+class PreferenceDataModule(_SourceDataModule):
+    """Preference pairs for reward modelling (and, later, DPO)."""
+
+    kind = "preference"
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        src = self.source
+
+        def read(path, **kwargs):
+            return load_preferences(path, margin_from_scores=src.margin_from_scores, **kwargs)
+
+        train, self.val_examples = self._read(read)
+
+        def encoder(examples):
+            def encode(item, report):
+                index, example = item
+                features = encode_pair(self.tokenizer, example.prompt, example.chosen, example.rejected,
+                                       example.margin, self.max_length, self.max_prompt_length, report)
+                return None if features is None else replace(features, index=index)
+            return encode
+
+        self.train_set = self._tokenized("train", list(enumerate(train)), encoder(train))
+        self.val_set = self._tokenized("validation", list(enumerate(self.val_examples)), encoder(self.val_examples))
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        return self._loader(self.train_set, collate_pairs(self.tokenizer.pad_token_id), train=True)
+
+    def val_dataloader(self) -> StatefulDataLoader:
+        return self._loader(self.val_set, collate_pairs(self.tokenizer.pad_token_id), train=False)
+
+
+@dataclass(frozen=True)
+class PromptFeatures:
+    prompt_ids: list[int]
+    prompt_text: str
+    index: int
+
+
+def collate_prompts(batch: list[PromptFeatures]) -> dict[str, Any]:
+    """Prompts stay as id lists: the sampler left-pads them to the batch's own width."""
+    return {"prompt_ids": [f.prompt_ids for f in batch], "prompt_text": [f.prompt_text for f in batch],
+            "index": torch.tensor([f.index for f in batch])}
+
+
+class PromptDataModule(_SourceDataModule):
+    """Prompts for RL: the policy writes the responses. Validation prompts are for evaluation."""
+
+    kind = "prompt"
+
+    def __init__(self, source: DataSource, tokenizer, batch_size: int = 64, eval_batch_size: int | None = None,
+                 num_workers: int = 0, seed: int = 0, max_eval_prompts: int | None = None):
+        super().__init__(source, tokenizer, batch_size, eval_batch_size, num_workers, seed)
+        self.max_eval_prompts = max_eval_prompts
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train, self.val_examples = self._read(load_prompts)
+        if self.max_eval_prompts is not None:
+            self.val_examples = self.val_examples[: self.max_eval_prompts]
+
+        def encode(item, report):
+            index, example = item
+            report.examples += 1
+            ids = fit_prompt(encode_prompt(self.tokenizer, example.prompt), self.max_prompt_length, report)
+            return PromptFeatures(ids, prompt_text(self.tokenizer, example.prompt), index)
+
+        self.train_examples = train
+        self.train_set = self._tokenized("train", list(enumerate(train)), encode)
+        self.val_set = self._tokenized("validation", list(enumerate(self.val_examples)), encode)
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        return self._loader(self.train_set, collate_prompts, train=True)
+
+    def val_dataloader(self) -> StatefulDataLoader:
+        return self._loader(self.val_set, collate_prompts, train=False)

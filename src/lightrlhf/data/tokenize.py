@@ -87,6 +87,7 @@ class PairFeatures:
     chosen_prompt_length: int
     rejected_prompt_length: int
     margin: float
+    index: int = -1  # position of the example in its split (to find its text again)
 
 
 def encode_pair(tokenizer, prompt: Prompt, chosen: str, rejected: str, margin: float | None, max_length: int,

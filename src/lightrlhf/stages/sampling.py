@@ -67,18 +67,6 @@ def sample_texts(model: Callable, tokenizer, prompts: list[tuple[list[int], str]
     return texts, generations
 
 
-def markdown_table(header: list[str], rows: list[list[object]]) -> str:
-    """A TensorBoard text table (markdown); pipes and newlines in cells are escaped."""
-
-    def cell(value: object) -> str:
-        text = f"{value:.3f}" if isinstance(value, float) else str(value)
-        return text.replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def response_stats(generations: list[Generation]) -> dict[str, float]:
     lengths = torch.cat([g.response_mask.sum(1) for g in generations]).float()
     eos = torch.cat([g.ended_with_eos for g in generations]).float()

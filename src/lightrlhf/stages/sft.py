@@ -33,7 +33,8 @@ from lightrlhf.models.causal_lm import CausalLM
 from lightrlhf.models.export import export_causal_lm
 from lightrlhf.stages.checkpointing import check_trainable, keep_trainable
 from lightrlhf.stages.optim import OptimizerSpec, SchedulerSpec
-from lightrlhf.stages.sampling import EvalSpec, GenerationSpec, markdown_table, response_stats, sample_texts
+from lightrlhf.stages.reporting import log_data_summary, markdown_table
+from lightrlhf.stages.sampling import EvalSpec, GenerationSpec, response_stats, sample_texts
 from lightrlhf.validation import positive
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,8 @@ class SFTStage(L.LightningModule):
         self.model.train()  # from_pretrained returns eval mode; LoRA dropout must be live in training
 
     def on_train_start(self) -> None:
+        if self.global_step == 0:
+            log_data_summary(self.logger, self.datamodule.summary)
         if self.eval_spec.at_start and self.global_step == 0 and not self.initial_eval:
             self.initial_eval = self.evaluate_samples()
 

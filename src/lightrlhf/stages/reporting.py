@@ -1,0 +1,29 @@
+"""Small helpers for what stages show a researcher: text tables and the data summary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    """A TensorBoard text table (markdown); pipes and newlines in cells are escaped."""
+
+    def cell(value: object) -> str:
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def log_data_summary(logger: Any, summary: dict[str, Any], step: int = 0) -> None:
+    """What the data module read, kept and dropped: numbers as `data/*` scalars, all of it as text."""
+    if logger is None or not summary:
+        return
+    numbers = {f"data/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))}
+    if numbers:
+        logger.log_metrics(numbers, step=step)
+    experiment = getattr(logger, "experiment", None)
+    if hasattr(experiment, "add_text"):
+        experiment.add_text("data", markdown_table(["key", "value"], [[k, v] for k, v in sorted(summary.items())]), step)

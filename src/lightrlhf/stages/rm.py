@@ -1,0 +1,208 @@
+"""Reward modelling: a scalar head trained on preference pairs with the Bradley-Terry loss.
+
+    P(chosen > rejected) = sigmoid(r(x, y_c) - r(x, y_r))        (Bradley & Terry 1952)
+    L = -(1-eps) log sigmoid(d) - eps log sigmoid(-d) + c (r_c + r_r)^2,   d = r_c - r_r - m
+
+Ouyang et al. 2022 (InstructGPT) sec. 3.5; the optional margin m from the data (Touvron et al.
+2023, Llama 2), label smoothing eps for noisy labels, and reward centring c (Eisenstein et al.
+2023) are described in `rl/preference.py`. Chosen and rejected go through the model as one
+batched forward of 2B sequences.
+
+What is logged (train per step, validation over the whole held-out set):
+- `accuracy` (r_c > r_r), `loss`, `margin_mean` (mean r_c - r_r);
+- `chosen_mean/std`, `rejected_mean/std`: where the rewards sit and how spread they are;
+- `ece`: expected calibration error of sigmoid(r_c - r_r) as a probability of the label (both
+  orientations of every pair, so the labels are balanced; 10 equal-width bins);
+- length bias: `length_correlation` (Pearson r between reward and response length over all
+  responses) and `accuracy_chosen_shorter` (accuracy on the pairs whose chosen answer is the
+  shorter one -- a model that has learnt "longer is better" fails exactly these);
+- with an evaluator (the demo): `gold_accuracy`, the accuracy against the hidden gold ranking, next
+  to `annotator_gold_agreement`, how often the labels themselves agree with gold -- so a good RM
+  can be told from an easy annotator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics import CatMetric, MeanMetric, PearsonCorrCoef
+from torchmetrics.classification import BinaryCalibrationError
+
+from lightrlhf.data.modules import PreferenceDataModule
+from lightrlhf.data.tokenize import prompt_text
+from lightrlhf.models.reward import RewardModel
+from lightrlhf.rl.preference import bradley_terry_loss
+from lightrlhf.stages.checkpointing import check_trainable, keep_trainable
+from lightrlhf.stages.optim import OptimizerSpec, SchedulerSpec
+from lightrlhf.stages.reporting import log_data_summary
+from lightrlhf.validation import in_range, non_negative, positive
+
+
+@dataclass(frozen=True)
+class PreferenceLossSpec:
+    use_margin: bool = True  # subtract the data's per-pair `margin` field when it has one
+    label_smoothing: float = 0.0
+    center_coefficient: float = 0.0
+
+    def __post_init__(self) -> None:
+        in_range("label_smoothing", self.label_smoothing, 0.0, 0.5)
+        non_negative("center_coefficient", self.center_coefficient)
+
+
+class RewardModelStage(L.LightningModule):
+    default_metric = "val/accuracy"
+
+    def __init__(self, model: RewardModel, datamodule: PreferenceDataModule, optim: OptimizerSpec | None = None,
+                 scheduler: SchedulerSpec | None = None, loss: PreferenceLossSpec | None = None,
+                 max_grad_norm: float | None = 1.0, head_lr_scale: float = 1.0):
+        super().__init__()
+        if max_grad_norm is not None:
+            positive("max_grad_norm", max_grad_norm)
+        positive("head_lr_scale", head_lr_scale)
+        self.model, self.datamodule = model, datamodule
+        self.optim, self.scheduler = optim or OptimizerSpec(), scheduler or SchedulerSpec()
+        self.loss_spec, self.max_grad_norm, self.head_lr_scale = loss or PreferenceLossSpec(), max_grad_norm, head_lr_scale
+        self.strict_loading = False
+        self.val_loss = MeanMetric()
+        self.val_rewards = torch.nn.ModuleDict({k: CatMetric() for k in ("chosen", "rejected", "chosen_length",
+                                                                          "rejected_length", "index")})
+        self.last_validated_step = -1
+        self.val_results: dict[str, float] = {}
+        self._gold: torch.Tensor | None = None  # gold(chosen) - gold(rejected) per validation pair
+
+    # -- steps ---------------------------------------------------------------------------------
+    def pair_rewards(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])
+        mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"]])
+        return self.model(ids, mask).chunk(2)
+
+    def _loss(self, chosen: torch.Tensor, rejected: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        spec = self.loss_spec
+        return bradley_terry_loss(chosen, rejected, batch["margin"] if spec.use_margin else None,
+                                  label_smoothing=spec.label_smoothing, center_coef=spec.center_coefficient)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        chosen, rejected = self.pair_rewards(batch)
+        loss = self._loss(chosen, rejected, batch)
+        diff = (chosen - rejected).detach()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/accuracy", (diff > 0).float().mean(), prog_bar=True)
+        self.log("train/margin_mean", diff.mean())
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        chosen, rejected = self.pair_rewards(batch)
+        self.val_loss.update(self._loss(chosen, rejected, batch), weight=chosen.shape[0])
+        for name, value in (("chosen", chosen), ("rejected", rejected), ("chosen_length", batch["chosen_length"]),
+                            ("rejected_length", batch["rejected_length"]), ("index", batch["index"])):
+            self.val_rewards[name].update(value.float())
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self._reset_validation()
+            return
+        if not self.val_rewards["chosen"].update_count:
+            return  # an empty validation set: nothing to report
+        values = {k: m.compute().reshape(-1) for k, m in self.val_rewards.items()}
+        results = preference_metrics(values["chosen"], values["rejected"], values["chosen_length"],
+                                     values["rejected_length"])
+        results["loss"] = self.val_loss.compute().item()
+        gold = self.gold_differences()
+        if gold is not None:
+            gold = gold[values["index"].long()]
+            decided = gold != 0
+            diff = values["chosen"] - values["rejected"]
+            results["gold_accuracy"] = ((diff[decided] > 0) == (gold[decided] > 0)).float().mean().item()
+            results["annotator_gold_agreement"] = (gold[decided] > 0).float().mean().item()
+        self.val_results = {f"val/{k}": v for k, v in results.items()}
+        for name, value in self.val_results.items():
+            self.log(name, value, prog_bar=name in ("val/accuracy", "val/gold_accuracy"))
+        self.last_validated_step = self.global_step
+        self._reset_validation()
+
+    def _reset_validation(self) -> None:
+        self.val_loss.reset()
+        for metric in self.val_rewards.values():
+            metric.reset()
+
+    def gold_differences(self) -> torch.Tensor | None:
+        """gold(chosen) - gold(rejected) for every validation pair, from the data's evaluator."""
+        evaluator = self.datamodule.evaluator
+        if evaluator is None:
+            return None
+        if self._gold is None:
+            examples = self.datamodule.val_examples
+            prompts = [prompt_text(self.model.tokenizer, e.prompt) for e in examples]
+            chosen = evaluator(prompts, [e.chosen for e in examples])
+            rejected = evaluator(prompts, [e.rejected for e in examples])
+            self._gold = torch.tensor(chosen) - torch.tensor(rejected)
+        return self._gold
+
+    def on_fit_start(self) -> None:
+        self.model.train()
+
+    def on_train_start(self) -> None:
+        if self.global_step == 0:
+            log_data_summary(self.logger, self.datamodule.summary)
+
+    # -- optimisation --------------------------------------------------------------------------
+    def trainable_parameter_names(self) -> list[str]:
+        return [f"model.{n}" for n in self.model.trainable_parameter_names()]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        table = dict(self.named_parameters())
+        names = self.trainable_parameter_names()
+        body = [(n, table[n]) for n in names if not n.startswith("model.head.")]
+        head = [(n, table[n]) for n in names if n.startswith("model.head.")]
+        optimizer = self.optim.adamw(self.optim.build(body) + self.optim.build(head, self.head_lr_scale))
+        scheduler = self.scheduler.build(optimizer, int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip = gradient_clip_val if gradient_clip_val is not None else self.max_grad_norm
+        if clip is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    # -- checkpoints and export ----------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep_trainable(checkpoint, self.trainable_parameter_names())
+        checkpoint["lightrlhf"] = {"val": dict(self.val_results)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_trainable(checkpoint, self.trainable_parameter_names())
+        self.val_results = dict(checkpoint.get("lightrlhf", {}).get("val", {}))
+
+    def final_metrics(self) -> dict[str, float]:
+        return dict(self.val_results)
+
+    def export(self, out_dir: Path, config: dict | None, metrics: dict | None, merged: bool) -> Path:
+        return self.model.save(out_dir, stage="rm", config=config, metrics=metrics)
+
+
+def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor, chosen_length: torch.Tensor,
+                       rejected_length: torch.Tensor) -> dict[str, float]:
+    """Accuracy, reward statistics, calibration and length bias of a set of scored pairs."""
+    diff = chosen - rejected
+    both = torch.cat([chosen, rejected])
+    lengths = torch.cat([chosen_length, rejected_length]).float()
+    probabilities = torch.sigmoid(torch.cat([diff, -diff]))
+    labels = torch.cat([torch.ones_like(diff), torch.zeros_like(diff)]).long()
+    shorter = chosen_length < rejected_length
+    out = {
+        "accuracy": (diff > 0).float().mean().item(),
+        "margin_mean": diff.mean().item(),
+        "chosen_mean": chosen.mean().item(), "chosen_std": chosen.std().item() if len(chosen) > 1 else 0.0,
+        "rejected_mean": rejected.mean().item(), "rejected_std": rejected.std().item() if len(rejected) > 1 else 0.0,
+        "reward_mean": both.mean().item(), "reward_std": both.std().item() if len(both) > 1 else 0.0,
+        "ece": BinaryCalibrationError(n_bins=10, norm="l1")(probabilities, labels).item(),
+        "frac_chosen_shorter": shorter.float().mean().item(),
+    }
+    if len(both) > 2 and lengths.std() > 0 and both.std() > 0:
+        out["length_correlation"] = PearsonCorrCoef()(both, lengths).item()
+    if shorter.any():
+        out["accuracy_chosen_shorter"] = (diff[shorter] > 0).float().mean().item()
+    return out
