@@ -87,3 +87,16 @@ def tiny_tokenizer(tiny_spec):
     from lightrlhf.models.loading import load_tokenizer
 
     return load_tokenizer(tiny_spec)
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory):
+    """A short SFT run, a reward model trained on top of it (InstructGPT's order), and one on the raw base."""
+    root = tmp_path_factory.mktemp("exports")
+    run_in_process(["stage=sft", "trainer.max_steps=30", "stage.eval.num_prompts=8", "trainer.val_check_interval=30"],
+                   root / "sft")
+    run_in_process(["stage=rm", "data=demo_pref", f"model.name_or_path={root / 'sft' / 'export'}",
+                    "trainer.max_steps=30", "trainer.val_check_interval=30"], root / "rm")
+    run_in_process(["stage=rm", "data=demo_pref", "trainer.max_steps=5", "trainer.val_check_interval=5"],
+                   root / "rm_raw_base")
+    return root

@@ -13,7 +13,8 @@ from lightrlhf.launch.run import _settings, to_plain
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 # Options that need a value the shipped file leaves to the user (`???`).
-REQUIRED = {("data", "jsonl"): [f"data.path={FIXTURES / 'data' / 'sft_prompt_completion.jsonl'}"]}
+REQUIRED = {("data", "jsonl"): [f"data.path={FIXTURES / 'data' / 'sft_prompt_completion.jsonl'}"],
+            ("stage", "rm"): ["data=demo_pref"], ("data", "demo_pref"): ["stage=rm"]}
 # GPU configs are built with the accelerator swapped for the CPU (everything else as shipped);
 # the composed value itself is checked separately below.
 ON_CPU = {("trainer", "gpu"): ["trainer.accelerator=cpu"]}
@@ -27,17 +28,24 @@ def options():
             yield group, path.stem
 
 
+def _needs_exports(group: str, option: str) -> bool:
+    return (group, option) in (("stage", "ppo"), ("data", "demo_prompts"))
+
+
 @pytest.mark.parametrize("group,option", list(options()), ids=lambda v: str(v))
-def test_every_config_composes_and_builds(group, option, tmp_path):
-    prefix = "+" if group in GLOBAL_GROUPS else ""
+def test_every_config_composes_and_builds(group, option, tmp_path, request):
     extra = REQUIRED.get((group, option), []) + ON_CPU.get((group, option), [])
-    cfg = compose([f"{prefix}{group}={option}"] + extra, tmp_path)
+    if _needs_exports(group, option):  # PPO starts from an SFT export and a reward model
+        exports = request.getfixturevalue("exports")
+        extra += ["stage=ppo", "data=demo_prompts", f"policy.init={exports / 'sft' / 'export'}",
+                  f"reward.path={exports / 'rm' / 'export'}"]
+    cfg = compose([f"{group}={option}"] + extra, tmp_path)
     plain = to_plain(cfg)
     _settings(plain)
     node = plain[group] if group not in GLOBAL_GROUPS else plain
     if group in GLOBAL_GROUPS:
         return  # composed above; its parts are built by the tests of those groups
-    if group == "stage":
+    if group == "stage" or _needs_exports(group, option):
         _build_stage_parts(plain)
     elif group in ("logger", "callbacks"):
         built = [build(n, f"{group}.{k}") for k, n in node.items() if n]

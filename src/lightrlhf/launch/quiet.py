@@ -16,6 +16,7 @@ _HARMLESS_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning on torch >= 2.10
     r"The '\w+_dataloader' does not have many workers",  # num_workers=0 is right for small data here
     r".*torch.utils._pytree._register_pytree_node",
+    r"Found \d+ module\(s\) in eval mode",  # PPO keeps dropout off on purpose (stages/ppo.py)
 )
 
 

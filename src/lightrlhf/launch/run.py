@@ -35,7 +35,11 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 # Config groups that define what a run *is*; a resumed run may not switch them.
 IDENTITY_GROUPS = ("stage", "model", "data")
-TOP_LEVEL_PARTS = ("stage", "model", "data", "trainer", "logger", "callbacks", "paths", "demo", "hydra")
+TOP_LEVEL_PARTS = ("stage", "model", "data", "trainer", "logger", "callbacks", "paths", "demo", "hydra",
+                   "policy", "value", "reward")
+# Top-level role blocks a stage may use (PPO: policy.init, value.init, reward.path ...); each is
+# built from its own key so errors name it, and handed to the stage's model factory and the stage.
+ROLE_BLOCKS = ("policy", "value", "reward")
 
 
 @dataclass(frozen=True)
@@ -238,9 +242,24 @@ def build_stage(plain: dict[str, Any]):
     source = build(plain["data"], "data")
     datamodule = build(stage_node.pop("datamodule"), "stage.datamodule", source=source, tokenizer=tokenizer)
     datamodule.setup("fit")  # data errors surface before a large model is loaded
-    model = build(stage_node.pop("model"), "stage.model", spec=spec, tokenizer=tokenizer)
-    stage = build(stage_node, "stage", model=model, datamodule=datamodule)
+    roles = {k: build(plain[k], k) for k in ROLE_BLOCKS if plain.get(k) is not None}
+    model_node = stage_node.pop("model")
+    model = build(model_node, "stage.model", spec=spec, tokenizer=tokenizer,
+                  **_accepted(model_node, roles, "stage.model"))
+    stage = build(stage_node, "stage", model=model, datamodule=datamodule,
+                  **_accepted(stage_node, roles, "stage"))
     return stage, datamodule
+
+
+def _accepted(node: dict[str, Any], roles: dict[str, Any], key: str) -> dict[str, Any]:
+    """The role blocks that the node's target takes as parameters."""
+    import inspect
+
+    from lightrlhf.launch.build import locate
+
+    target = locate(str(node["_target_"]), key)
+    params = inspect.signature(target).parameters
+    return {k: v for k, v in roles.items() if k in params}
 
 
 def build_trainer(plain: dict[str, Any], ckpt_path: Path | None):

@@ -65,3 +65,36 @@ def _set_adapter_base_path(directory: Path, base_path: str) -> None:
     content = json.loads(path.read_text())
     content["base_model_name_or_path"] = base_path
     path.write_text(json.dumps(content, indent=2, sort_keys=True))
+
+
+def export_policy_adapter(model, adapter: str, out_dir: str | Path, *, stage: str, config: dict | None = None,
+                          metrics: dict | None = None, merged: bool = False) -> Path:
+    """Export one named adapter of a multi-adapter model (PPO's policy) as a standalone causal LM.
+
+    peft writes a non-default adapter into a subdirectory named after it; its files are moved up so
+    the export looks like any other adapter export (and `AutoPeftModelForCausalLM` loads it).
+    """
+    import copy
+    import shutil
+
+    out_dir = Path(out_dir)
+    module = model.module
+    with atomic_directory(out_dir) as staging:
+        module.save_pretrained(staging, selected_adapters=[adapter], safe_serialization=True)
+        nested = staging / adapter
+        if nested.is_dir():
+            for item in nested.iterdir():
+                shutil.move(str(item), staging / item.name)
+            nested.rmdir()
+        _set_adapter_base_path(staging, model.base.name_or_path)
+        model.tokenizer.save_pretrained(staging)
+        if merged:
+            folded = copy.deepcopy(module)
+            for other in [name for name in folded.peft_config if name != adapter]:
+                folded.delete_adapter(other)
+            folded = folded.merge_and_unload()
+            folded.save_pretrained(staging / "merged", safe_serialization=True)
+            model.tokenizer.save_pretrained(staging / "merged")
+        write_manifest(staging, manifest(stage=stage, kind="causal_lm", weights="adapter", base=model.base,
+                                         config=config, metrics=metrics, merged=bool(merged)))
+    return out_dir

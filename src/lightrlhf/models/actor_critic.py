@@ -1,0 +1,209 @@
+"""PPO's four models as roles on one frozen base: policy, value, reward and reference.
+
+    base      = the SFT model's weights (an SFT adapter export is merged in on load), frozen, held once
+    reference = the base with every adapter off
+    policy    = a fresh LoRA adapter "policy" (B = 0: at step 0 it *is* the reference, KL = 0)
+    value     = adapter "value" + a scalar head, initialised from the reward model's adapter and head
+    reward    = adapter "reward" + head from the reward-model export, frozen
+
+Peak memory is one copy of the base plus small adapters and activations, not four models. This is
+only valid when the reward model was trained on these exact base weights (InstructGPT's recipe:
+RM trained on top of the SFT model); its recorded base fingerprint is compared with this base's.
+A reward model on another base (or tokenizer) is loaded beside it as a separate `RewardModel` and
+fed re-tokenised text; the value function then starts fresh.
+
+Roles are switched by adapter name (`adapters.active_adapter`), and what trains is decided by
+name once, here: policy and value adapters plus the value head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from lightrlhf.errors import UserError
+from lightrlhf.models.adapters import active_adapter, adapter_parameter_names
+from lightrlhf.models.generation import positions_from_mask
+from lightrlhf.models.loading import (
+    BaseIdentity,
+    load_base_model,
+    read_export_manifest,
+    resolve_model_dir,
+    weights_fingerprint,
+)
+from lightrlhf.models.reward import HEAD_FILE, RewardModel, ScoreHead, backbone_of, hidden_size_of, last_token_hidden
+from lightrlhf.models.spec import ModelSpec
+from lightrlhf.validation import one_of
+
+log = logging.getLogger(__name__)
+POLICY, VALUE, REWARD = "policy", "value", "reward"
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """`policy.init`: the SFT export (or any causal-LM directory) PPO starts from and stays close to."""
+
+    init: str | None = None
+
+
+@dataclass(frozen=True)
+class ValueSpec:
+    """`value.init`: `reward` (the reward model's adapter and head), `fresh`, or `auto` (reward when it
+    shares the base, else fresh). Starting from the RM gives the critic features that already track
+    the score (Ouyang et al. 2022)."""
+
+    init: Literal["auto", "reward", "fresh"] = "auto"
+
+    def __post_init__(self) -> None:
+        one_of("init", self.init, ("auto", "reward", "fresh"))
+
+
+class ActorCritic(nn.Module):
+    def __init__(self, module: nn.Module, value_head: ScoreHead, reward_head: ScoreHead | None, tokenizer,
+                 base: BaseIdentity, separate_reward: RewardModel | None = None):
+        super().__init__()
+        self.module, self.value_head, self.reward_head = module, value_head, reward_head
+        self.tokenizer, self.base, self.separate_reward = tokenizer, base, separate_reward
+        self._trainable = (adapter_parameter_names(module, POLICY) + adapter_parameter_names(module, VALUE))
+        self._set_trainable_by_role()
+
+    def _set_trainable_by_role(self) -> None:
+        trainable = set(self._trainable)
+        for name, param in self.module.named_parameters():
+            param.requires_grad_(name in trainable)
+        self.value_head.requires_grad_(True)
+        if self.reward_head is not None:
+            self.reward_head.requires_grad_(False)
+        if self.separate_reward is not None:
+            self.separate_reward.requires_grad_(False)
+
+    def trainable_parameter_names(self) -> list[str]:
+        return ([f"module.{n}" for n in self._trainable] +
+                [f"value_head.{n}" for n, _ in self.value_head.named_parameters()])
+
+    def policy_parameter_names(self) -> list[str]:
+        return [f"module.{n}" for n in adapter_parameter_names(self.module, POLICY)]
+
+    # -- role contexts -------------------------------------------------------------------------
+    def policy_context(self) -> contextlib.AbstractContextManager:
+        return active_adapter(self.module, POLICY)
+
+    def reference_context(self) -> contextlib.AbstractContextManager:
+        return active_adapter(self.module, None)
+
+    # -- forwards ------------------------------------------------------------------------------
+    def _logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.module(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=positions_from_mask(attention_mask), use_cache=False).logits
+
+    def policy_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        with self.policy_context():
+            return self._logits(input_ids, attention_mask)
+
+    def reference_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        with self.reference_context():
+            return self._logits(input_ids, attention_mask)
+
+    def values(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """V at every position [B, T] (the value of the state *after* reading that token)."""
+        with active_adapter(self.module, VALUE):
+            hidden = backbone_of(self.module)(input_ids=input_ids, attention_mask=attention_mask,
+                                              position_ids=positions_from_mask(attention_mask),
+                                              use_cache=False).last_hidden_state
+        return self.value_head(hidden)
+
+    @property
+    def shares_reward_base(self) -> bool:
+        return self.reward_head is not None
+
+    def reward_scores(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The shared-base reward model's score at each row's last real token [B]."""
+        with active_adapter(self.module, REWARD):
+            return self.reward_head(last_token_hidden(backbone_of(self.module), input_ids, attention_mask))
+
+    def train(self, mode: bool = True) -> ActorCritic:
+        # detail: PPO runs with dropout off, in rollouts *and* updates, so the first epoch's ratio
+        # is exactly 1 and the KL to the reference is computed between the same functions.
+        return super().train(False)
+
+
+def load_actor_critic(spec: ModelSpec, tokenizer, policy: PolicySpec, value: ValueSpec, reward) -> ActorCritic:
+    """Config target for the PPO stage (`reward` is a `lightrlhf.rewards.RewardSpec`)."""
+    from peft import get_peft_model
+
+    base_spec = spec if policy.init is None else replace(spec, name_or_path=policy.init)
+    if policy.init is not None:
+        _check_policy_init_matches_model(spec, policy.init)
+    base, identity = load_base_model(base_spec)
+    lora = (spec.lora.to_peft("CAUSAL_LM") if spec.lora is not None else None)
+    if lora is None:
+        raise UserError("config model.lora: PPO trains LoRA adapters on a shared frozen base; model.lora=null "
+                        "(full fine-tuning) is not supported by the PPO stage")
+    module = get_peft_model(base, lora, adapter_name=POLICY)
+    reward_head, separate = None, None
+    if reward.path is not None:
+        meta = _reward_manifest(reward.path)
+        if meta["base"]["fingerprint"] == identity.fingerprint and meta["weights"] == "adapter":
+            module.load_adapter(reward.path, adapter_name=REWARD, is_trainable=False)
+            reward_head = _load_head(reward.path, meta)
+            log.info("reward model %s shares the policy's base: loaded as adapter %r", reward.path, REWARD)
+        else:
+            separate = RewardModel.from_pretrained(reward.path, dtype=spec.dtype)
+            log.warning("reward model %s was trained on another base (%s); loading it separately and scoring "
+                        "re-tokenised text", reward.path, meta["base"]["name_or_path"])
+    init = value.init
+    if init == "reward" and reward_head is None:
+        raise UserError("config value.init: 'reward' needs a reward model on the policy's base "
+                        f"(reward.path={reward.path}); use value.init=fresh or auto")
+    if init == "auto":
+        init = "reward" if reward_head is not None else "fresh"
+    if init == "reward":
+        module.load_adapter(reward.path, adapter_name=VALUE, is_trainable=True)
+        value_head = _load_head(reward.path, _reward_manifest(reward.path))
+    else:
+        module.add_adapter(VALUE, lora)
+        value_head = ScoreHead(hidden_size_of(module), std=0.0)
+    module.set_adapter(POLICY)
+    module.base_model.model.config.use_cache = False
+    return ActorCritic(module, value_head, reward_head, tokenizer, identity, separate)
+
+
+def _reward_manifest(path: str) -> dict:
+    directory = Path(path)
+    meta = read_export_manifest(directory) if directory.is_dir() else None
+    if meta is None:
+        raise UserError(f"config reward.path: {path} is not a lightrlhf export directory")
+    if meta.get("kind") != "reward_model":
+        raise UserError(f"config reward.path: {path} is a {meta.get('kind')} export (from stage "
+                        f"{meta.get('stage')!r}), not a reward model")
+    return meta
+
+
+def _load_head(path: str, meta: dict) -> ScoreHead:
+    head = ScoreHead(meta["hidden_size"])
+    head.load_state_dict(load_file(Path(path) / HEAD_FILE))
+    return head
+
+
+def _check_policy_init_matches_model(spec: ModelSpec, init: str) -> None:
+    """policy.init must descend from model.name_or_path: the two keys describe one model."""
+    directory = resolve_model_dir(init, key="policy.init")
+    meta = read_export_manifest(directory)
+    if meta is not None and meta.get("kind") != "causal_lm":
+        raise UserError(f"config policy.init: {init} is a {meta.get('kind')} export (from stage "
+                        f"{meta.get('stage')!r}), not a causal language model")
+    root = directory
+    while meta is not None and meta.get("weights") == "adapter":  # follow exports down to a plain model
+        root = resolve_model_dir(meta["base"]["name_or_path"], key="policy.init")
+        meta = read_export_manifest(root)
+    model_dir = resolve_model_dir(spec.name_or_path, spec.revision)
+    if weights_fingerprint(root) != weights_fingerprint(model_dir):
+        raise UserError(f"config policy.init: {init} descends from {root}, not from model.name_or_path="
+                        f"{spec.name_or_path}")

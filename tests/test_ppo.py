@@ -1,0 +1,221 @@
+"""PPO: the invariants RLHF silently depends on, checked on tiny parts built from real exports."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_in_process, train_cli, train_with_fault
+from lightrlhf.errors import UserError
+from lightrlhf.models.actor_critic import PolicySpec, ValueSpec, load_actor_critic
+from lightrlhf.rewards import Component, RewardSpec, length_words
+
+FAST_EVAL = ["stage.eval.num_prompts=16", "stage.eval.batch_size=16", "reward.normalize.init_rollouts=1"]
+
+
+def ppo_args(exports, *extra):
+    return ["stage=ppo", "data=demo_prompts", f"policy.init={exports / 'sft' / 'export'}",
+            f"reward.path={exports / 'rm' / 'export'}", "stage.datamodule.batch_size=8"] + FAST_EVAL + list(extra)
+
+
+@pytest.fixture(scope="module")
+def actor_critic(exports, tiny_spec):
+    torch.manual_seed(0)
+    return load_actor_critic(tiny_spec, _tokenizer(tiny_spec), PolicySpec(str(exports / "sft" / "export")),
+                             ValueSpec("auto"), RewardSpec(path=str(exports / "rm" / "export")))
+
+
+def _tokenizer(spec):
+    from lightrlhf.models.loading import load_tokenizer
+
+    return load_tokenizer(spec)
+
+
+def _stage(model, **kwargs):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from lightrlhf.launch.build import build
+    from lightrlhf.launch.run import to_plain
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["stage=ppo", "data=demo_prompts", "paths.output_dir=/tmp",
+                                          "stage.datamodule.batch_size=8", "reward.path=unused"] + FAST_EVAL)
+    plain = to_plain(cfg)
+    node = {k: v for k, v in plain["stage"].items() if k not in ("model", "datamodule")}
+    source = build(plain["data"], "data")
+    dm = build(plain["stage"]["datamodule"], "stage.datamodule", source=source, tokenizer=model.tokenizer)
+    dm.setup()
+    reward = kwargs.pop("reward", RewardSpec(path="unused"))
+    return build({**node, **kwargs}, "stage", model=model, datamodule=dm, reward=reward)
+
+
+def test_shared_base_roles_and_kl_is_exactly_zero_at_step_0(actor_critic, exports):
+    model = actor_critic
+    assert model.shares_reward_base and model.separate_reward is None
+    names = set(model.trainable_parameter_names())
+    assert names and all(".policy." in n or ".value." in n or n.startswith("value_head.") for n in names)
+    assert not any(".reward." in n for n in names)
+    stage = _stage(model)
+    batch = next(iter(stage.datamodule.train_dataloader()))
+    roll = stage.rollout(batch["prompt_ids"], batch["prompt_text"])
+    assert torch.equal(roll.logprobs * roll.mask, roll.ref_logprobs * roll.mask)  # a fresh adapter is the identity
+    assert roll.kl.abs().sum().item() == 0.0
+    # the value function starts from the reward model: same adapter weights, same head
+    rm_head = load_file(exports / "rm" / "export" / "score_head.safetensors")
+    assert torch.equal(model.value_head.linear.weight, rm_head["linear.weight"])
+
+
+def test_python_reward_function_composes_with_the_reward_model(actor_critic):
+    reward = RewardSpec(path="unused", weight=0.5, components={"length_words": Component(length_words, weight=-0.1)})
+    stage = _stage(actor_critic, reward=reward)
+    batch = next(iter(stage.datamodule.train_dataloader()))
+    roll = stage.rollout(batch["prompt_ids"], batch["prompt_text"])
+    assert set(roll.components) == {"reward_model", "length_words"}
+    expected_words = torch.tensor([float(len(t.split())) for t in roll.texts])
+    assert torch.equal(roll.components["length_words"], expected_words)
+    torch.testing.assert_close(roll.scores, 0.5 * roll.components["reward_model"] - 0.1 * expected_words)
+
+
+def test_one_optimizer_step_per_minibatch_and_gradients_are_clipped(actor_critic, monkeypatch):
+    stage = _stage(actor_critic, ppo={"epochs": 3, "num_minibatches": 4, "micro_batch_size": 1}, max_grad_norm=1e-3)
+    optimizer = stage.configure_optimizers()["optimizer"]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    norms_at_step = []
+
+    class Wrapped:  # what Lightning's self.optimizers() returns, reduced to what the update uses
+        def __init__(self, opt):
+            self.optimizer = opt
+
+        def zero_grad(self):
+            self.optimizer.zero_grad()
+
+        def step(self):
+            norms_at_step.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])).item())
+            self.optimizer.step()
+
+    monkeypatch.setattr(stage, "optimizers", lambda: Wrapped(optimizer))
+    monkeypatch.setattr(stage, "lr_schedulers", lambda: None)
+    monkeypatch.setattr(stage, "manual_backward", lambda loss: loss.backward())
+    monkeypatch.setattr(stage, "clip_gradients", lambda opt, gradient_clip_val, gradient_clip_algorithm:
+                        torch.nn.utils.clip_grad_norm_(params, gradient_clip_val))
+    batch = next(iter(stage.datamodule.train_dataloader()))
+    roll = stage.rollout(batch["prompt_ids"], batch["prompt_text"])
+    stats = stage.update(roll)
+    assert len(norms_at_step) == 3 * 4 == stats["policy/optimizer_steps"]  # epochs x minibatches, micro-batches inside
+    assert stats["policy/grad_norm"] > 1e-3  # the raw gradient was larger ...
+    assert max(norms_at_step) <= 1e-3 * 1.0001  # ... and every step saw it clipped
+
+
+def test_early_stop_on_approx_kl_skips_the_remaining_updates(actor_critic, monkeypatch):
+    stage = _stage(actor_critic, ppo={"epochs": 4, "num_minibatches": 2, "max_approx_kl": 1e-12},
+                   optim={"lr": 0.05})
+    optimizer = stage.configure_optimizers()["optimizer"]
+
+    class Wrapped:
+        optimizer_ = optimizer
+
+        def __init__(self):
+            self.optimizer = optimizer
+
+        def zero_grad(self):
+            optimizer.zero_grad()
+
+        def step(self):
+            optimizer.step()
+
+    monkeypatch.setattr(stage, "optimizers", lambda: Wrapped())
+    monkeypatch.setattr(stage, "lr_schedulers", lambda: None)
+    monkeypatch.setattr(stage, "manual_backward", lambda loss: loss.backward())
+    monkeypatch.setattr(stage, "clip_gradients", lambda *a, **k: None)
+    batch = next(iter(stage.datamodule.train_dataloader()))
+    stats = stage.update(stage.rollout(batch["prompt_ids"], batch["prompt_text"]))
+    # the first minibatch sees ratio 1 (approx-KL 0); after one step the policy has moved: stop there
+    assert stats["policy/optimizer_steps"] == 2.0
+
+
+def test_value_init_reward_needs_a_shared_base(exports, tiny_spec):
+    with pytest.raises(UserError, match="value.init: 'reward' needs a reward model on the policy's base"):
+        load_actor_critic(tiny_spec, _tokenizer(tiny_spec), PolicySpec(str(exports / "sft" / "export")),
+                          ValueSpec("reward"), RewardSpec(path=str(exports / "rm_raw_base" / "export")))
+
+
+def test_reward_model_on_another_base_is_loaded_separately(exports, tiny_spec):
+    model = load_actor_critic(tiny_spec, _tokenizer(tiny_spec), PolicySpec(str(exports / "sft" / "export")),
+                              ValueSpec("auto"), RewardSpec(path=str(exports / "rm_raw_base" / "export")))
+    assert not model.shares_reward_base and model.separate_reward is not None
+    assert model.value_head.linear.weight.abs().sum().item() == 0.0  # fresh value head
+    stage = _stage(model)
+    batch = next(iter(stage.datamodule.train_dataloader()))
+    roll = stage.rollout(batch["prompt_ids"], batch["prompt_text"])
+    expected = model.separate_reward.score(batch["prompt_text"], roll.texts)
+    torch.testing.assert_close(roll.components["reward_model"], expected)
+
+
+def test_an_sft_export_given_as_the_reward_model_is_refused(exports, tiny_spec):
+    with pytest.raises(UserError, match=r"reward.path: .* is a causal_lm export \(from stage 'sft'\), not a reward model"):
+        load_actor_critic(tiny_spec, _tokenizer(tiny_spec), PolicySpec(None), ValueSpec("auto"),
+                          RewardSpec(path=str(exports / "sft" / "export")))
+
+
+def test_tripwires(actor_critic):
+    from lightrlhf.stages.ppo_config import AlertSpec
+
+    stage = _stage(actor_critic, alerts=AlertSpec(length_drift=0.5, eos_collapse=0.5, kl_multiple=2.0))
+    stage.baseline = {"score_mean": 0.0, "score_std": 1.0, "length_mean": 10.0, "frac_ended_with_eos": 0.9}
+    calm = {"reward/length_mean": 12.0, "objective/scores": 0.5, "reward/frac_ended_with_eos": 0.9, "objective/kl": 1.0}
+    assert stage.check_alerts(calm) == {"alerts/length_drift": 0.0, "alerts/eos_collapse": 0.0, "alerts/kl_exceeded": 0.0}
+    hacked = {"reward/length_mean": 16.0, "objective/scores": 1.5, "reward/frac_ended_with_eos": 0.3, "objective/kl": 13.0}
+    assert stage.check_alerts(hacked) == {"alerts/length_drift": 1.0, "alerts/eos_collapse": 1.0, "alerts/kl_exceeded": 1.0}
+    # longer but *not* rewarded more is not length hacking
+    assert stage.check_alerts({**hacked, "objective/scores": -0.1})["alerts/length_drift"] == 0.0
+    assert stage.alerts_fired == {"length_drift": 1, "eos_collapse": 2, "kl_exceeded": 2}
+
+
+@pytest.mark.slow
+def test_ppo_run_checkpoint_holds_adapters_and_stage_state_not_the_base(exports, tmp_path):
+    run_dir = tmp_path / "ppo"
+    run_in_process(ppo_args(exports, "stage.rollouts=3", "stage.kl.adaptive=true", "trainer.val_check_interval=3",
+                            "callbacks.checkpoint.every_n_steps=8"), run_dir)
+    checkpoint = torch.load(sorted((run_dir / "checkpoints").glob("step-*.ckpt"))[-1], weights_only=True)
+    keys = list(checkpoint["state_dict"])
+    assert keys and all(".lora_A.policy." in k or ".lora_B.policy." in k or ".lora_A.value." in k
+                        or ".lora_B.value." in k or k.startswith("model.value_head.") for k in keys)
+    state = checkpoint["lightrlhf"]
+    assert state["rollout_count"] == 3 and state["kl_controller"]["value"] != 0.05  # adaptive beta moved
+    assert state["normalizer"]["count"] > 0 and torch.is_tensor(state["sampler"])
+    assert set(state["baseline"]) == {"score_mean", "score_std", "length_mean", "frac_ended_with_eos"}
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["global_step"] == 3 * 4 * 2 and record["metrics"]["progress/rollouts"] == 3.0
+    manifest = json.loads((run_dir / "export" / "lightrlhf.json").read_text())
+    assert manifest["stage"] == "ppo" and (run_dir / "export" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_ppo_killed_and_resumed_equals_uninterrupted(exports, tmp_path):
+    args = ppo_args(exports, "stage.rollouts=4", "trainer.val_check_interval=2", "callbacks.checkpoint.every_n_steps=8")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert train_cli(args + [f"hydra.run.dir={straight}"]).returncode == 0
+    done = train_with_fault("kill_after_checkpoint:2", args + [f"hydra.run.dir={killed}"])
+    assert done.returncode == -signal.SIGKILL
+    resumed = train_cli([f"resume={killed}"])
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(straight / "export" / "adapter_model.safetensors")
+    b = load_file(killed / "export" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma = json.loads((straight / "metrics.json").read_text())["metrics"]
+    mb = json.loads((killed / "metrics.json").read_text())["metrics"]
+    timing = {k for k in ma if k.startswith("time/")}
+    assert {k: v for k, v in ma.items() if k not in timing} == {k: v for k, v in mb.items() if k not in timing}
+
+
+@pytest.mark.slow
+def test_minibatches_must_divide_the_rollout_batch(exports, tmp_path):
+    done = train_cli(ppo_args(exports, "stage.ppo.num_minibatches=3", f"hydra.run.dir={tmp_path / 'run'}"))
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == ["error: config stage.ppo.num_minibatches: must divide the rollout batch "
+                                        "(stage.datamodule.batch_size=8), got 3"]
