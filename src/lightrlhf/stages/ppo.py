@@ -160,7 +160,7 @@ class PPOStage(L.LightningModule):
         spec = self.generation
         return sample(self.model.module, ids, mask, max_new_tokens=spec.max_new_tokens, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id, temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p,
-                      generator=generator,
+                      generator=generator, stop_at_eos=not spec.ignore_eos,
                       model_context=self.model.reference_context if reference else self.model.policy_context,
                       mix_model_context=self.model.reference_context if explore else None,
                       mix_epsilon=self.exploration_epsilon if explore else 0.0)

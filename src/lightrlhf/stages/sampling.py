@@ -26,6 +26,7 @@ class GenerationSpec:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    ignore_eos: bool = False  # always generate max_new_tokens (benchmarks); EOS is then an ordinary token
 
     def __post_init__(self) -> None:
         positive("max_new_tokens", self.max_new_tokens)
@@ -61,7 +62,8 @@ def sample_texts(model: Callable, tokenizer, prompts: list[tuple[list[int], str]
         ids, mask = left_pad([p for p, _ in chunk], tokenizer.pad_token_id)
         gen = sample(model, ids, mask, max_new_tokens=spec.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                      pad_token_id=tokenizer.pad_token_id, temperature=spec.temperature, top_k=spec.top_k,
-                     top_p=spec.top_p, generator=generator, model_context=model_context)
+                     top_p=spec.top_p, generator=generator, model_context=model_context,
+                     stop_at_eos=not spec.ignore_eos)
         texts.extend(decode_responses(tokenizer, gen))
         generations.append(gen)
     return texts, generations
