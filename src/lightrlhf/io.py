@@ -22,6 +22,13 @@ from lightrlhf.errors import UserError
 TMP_PREFIX = ".tmp-"
 
 
+class StorageError(UserError):
+    """The disk refused a write (full, read-only, gone): one line, and nothing was replaced."""
+
+    def __init__(self, path: str | Path, error: OSError):
+        super().__init__(f"{path}: cannot write ({error.strerror or error}); nothing was replaced")
+
+
 def _fsync_dir(directory: Path) -> None:
     with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
         fd = os.open(directory, os.O_RDONLY)
@@ -34,17 +41,22 @@ def _fsync_dir(directory: Path) -> None:
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Call `write(file)` on a temporary file and move it over `path` once it is complete."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    except OSError as error:
+        raise StorageError(path, error) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(error, OSError):
+            raise StorageError(path, error) from None
         raise
     _fsync_dir(path.parent)
 
@@ -65,12 +77,17 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     crash at any point leaves either the old directory or the new one (plus a `.tmp-*` leftover).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent))
+    except OSError as error:
+        raise StorageError(path, error) from None
     try:
         yield staging
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise StorageError(path, error) from None
         raise
     old = None
     if path.exists():

@@ -5,8 +5,14 @@
 Faults (the test decides which, through argv[1]):
   kill_after_checkpoint:N   SIGKILL this process right after the N-th checkpoint is on disk
   kill_during_checkpoint:N  SIGKILL it halfway through writing the N-th checkpoint file
+  nan_loss_at_step:N        the SFT loss of the N-th training batch (1-based) is NaN
+  nan_score_at_rollout:N    the PPO scores of the N-th rollout are NaN
+  enospc_on_checkpoint:N    the N-th checkpoint write fails with "No space left on device"
+  enospc_on_export          writing the export fails with "No space left on device"
   none                      no fault
 """
+
+import errno
 
 import os
 import runpy
@@ -55,6 +61,59 @@ def install(fault: str) -> None:
         import lightrlhf.callbacks.checkpoint as ckpt_module
 
         ckpt_module.atomic_write = atomic_write
+    elif name == "nan_loss_at_step":
+        import lightrlhf.stages.sft as sft
+
+        original_loss = sft.sft_loss
+
+        def sft_loss(logits, input_ids, loss_mask):
+            loss, tokens = original_loss(logits, input_ids, loss_mask)
+            if logits.requires_grad:  # training batches only
+                count["n"] += 1
+                if count["n"] == int(arg):
+                    loss = loss * float("nan")
+            return loss, tokens
+
+        sft.sft_loss = sft_loss
+    elif name == "nan_score_at_rollout":
+        from lightrlhf.stages.ppo import PPOStage
+
+        original_rollout = PPOStage.rollout
+
+        def rollout(self, *args, **kwargs):
+            roll = original_rollout(self, *args, **kwargs)
+            count["n"] += 1
+            if count["n"] == int(arg):
+                roll.scores = roll.scores * float("nan")
+            return roll
+
+        PPOStage.rollout = rollout
+    elif name == "enospc_on_checkpoint":
+        import lightrlhf.callbacks.checkpoint as ckpt_module
+        import lightrlhf.io as lio
+
+        original_write = lio.atomic_write
+
+        def atomic_write(path, write):
+            if str(path).endswith(".ckpt"):
+                count["n"] += 1
+                if count["n"] == int(arg):
+                    def full(f):
+                        f.write(b"x" * 1024)
+                        raise OSError(errno.ENOSPC, "No space left on device")
+                    return original_write(path, full)
+            return original_write(path, write)
+
+        lio.atomic_write = atomic_write
+        ckpt_module.atomic_write = atomic_write
+    elif name == "enospc_on_export":
+        from peft import PeftModel
+
+        def save_pretrained(self, directory, *args, **kwargs):
+            (Path(directory) / "adapter_model.safetensors").write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        PeftModel.save_pretrained = save_pretrained
     else:
         raise SystemExit(f"unknown fault {fault!r}")
 

@@ -12,6 +12,12 @@ that checkpoints load with `torch.load(weights_only=True)`.
 
 `AtomicCheckpointIO` writes through `lightrlhf.io.atomic_write` (temp file, fsync, rename): a crash
 or a SIGKILL while writing leaves the previous checkpoint untouched.
+
+Interruptions: Ctrl-C (SIGINT) and SIGTERM (what a cluster scheduler sends before it kills a job)
+are caught while training; at the end of the current batch -- a consistent state, never halfway
+through an optimizer step -- a checkpoint is written and training stops. `run()` then exits with
+a message saying how to resume (status 130 for SIGINT, 143 for SIGTERM). A second Ctrl-C stops
+at once. A checkpoint is never written with non-finite weights.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -74,13 +81,25 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return files[-1] if files else None
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Training stopped on a signal after saving a checkpoint; the message says how to continue."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class PeriodicCheckpoint(Callback):
-    def __init__(self, dirpath: str, every_n_steps: int = 50, keep_last: int = 2, save_on_train_end: bool = True):
+    def __init__(self, dirpath: str, every_n_steps: int = 50, keep_last: int = 2, save_on_train_end: bool = True,
+                 save_on_signal: bool = True):
         positive("every_n_steps", every_n_steps)
         positive("keep_last", keep_last)
         self.dirpath, self.every_n_steps, self.keep_last = Path(dirpath), every_n_steps, keep_last
-        self.save_on_train_end = save_on_train_end
+        self.save_on_train_end, self.save_on_signal = save_on_train_end, save_on_signal
         self._last_saved_step = -1
+        self.received_signal: int | None = None
+        self.interrupted_at: Path | None = None
+        self._previous_handlers: dict[int, Any] = {}
 
     @property
     def state_key(self) -> str:
@@ -88,17 +107,49 @@ class PeriodicCheckpoint(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_saved_step = trainer.global_step  # a resumed run does not re-save its start
+        if self.save_on_signal:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.received_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.received_signal = signum
+        log.warning("received %s: stopping after this batch with a checkpoint", signal.Signals(signum).name)
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
+        if self.received_signal is not None and self.interrupted_at is None:
+            self.interrupted_at = self.save(trainer) if step != self._last_saved_step else latest_checkpoint(self.dirpath)
+            trainer.should_stop = True
+            return
         if step // self.every_n_steps > max(self._last_saved_step, 0) // self.every_n_steps:
             self.save(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handlers()
         if self.save_on_train_end and trainer.global_step != self._last_saved_step:
             self.save(trainer)
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()
+
+    def interruption(self, run_dir: Path) -> RunInterrupted | None:
+        """What to tell the user when training stopped on a signal (None if it did not)."""
+        if self.received_signal is None:
+            return None
+        name = signal.Signals(self.received_signal).name
+        saved = f"saved {self.interrupted_at}" if self.interrupted_at else "no checkpoint yet"
+        return RunInterrupted(f"interrupted by {name}: {saved}; continue with: python train.py resume={run_dir}",
+                              128 + self.received_signal)
+
     def save(self, trainer: L.Trainer) -> Path:
+        check_finite_weights(trainer)
         path = self.dirpath / f"step-{trainer.global_step:08d}.ckpt"
         self._last_saved_step = trainer.global_step
         trainer.save_checkpoint(path, weights_only=False)  # full state: optimizer, loops, RNG
@@ -113,3 +164,16 @@ class PeriodicCheckpoint(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         set_rng_state(state_dict["rng"])
+
+
+def check_finite_weights(trainer: L.Trainer) -> None:
+    """Refuse to write a checkpoint whose trainable weights hold NaN/inf: the last good one stays."""
+    from lightrlhf.stages.numerics import NumericFault
+
+    module = trainer.lightning_module
+    names = getattr(module, "trainable_parameter_names", lambda: [])()
+    table = dict(module.named_parameters())
+    for name in names:
+        if not bool(torch.isfinite(table[name]).all()):
+            raise NumericFault(f"step {trainer.global_step}: weight {name} is not finite; no checkpoint written, "
+                               f"the last one in {trainer.default_root_dir}/checkpoints is the last good state")

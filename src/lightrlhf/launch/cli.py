@@ -46,7 +46,7 @@ def exit_for_user_error(error: UserError) -> None:
     """Print the one line and leave with status 2 (SystemExit passes through Hydra untouched)."""
     sys.stderr.write(f"error: {error}\n")
     sys.stderr.flush()
-    raise SystemExit(UserError.exit_code)
+    raise SystemExit(error.exit_code)
 
 
 def cli(hydra_main: Callable[[], Any]) -> None:
@@ -55,9 +55,10 @@ def cli(hydra_main: Callable[[], Any]) -> None:
         hydra_main()
     except UserError as error:
         exit_for_user_error(error)
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
+    except KeyboardInterrupt as interrupt:
+        # RunInterrupted carries what was saved and how to continue; a bare Ctrl-C outside training does not
+        sys.stderr.write(f"{interrupt}\n" if str(interrupt) else "interrupted\n")
+        sys.exit(getattr(interrupt, "exit_code", 130))
     except Exception as error:
         if _is_config_error(error):
             sys.stderr.write(f"error: config: {condensed(error)}\n")

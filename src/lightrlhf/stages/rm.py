@@ -37,6 +37,8 @@ from lightrlhf.data.tokenize import prompt_text
 from lightrlhf.models.reward import RewardModel
 from lightrlhf.rl.preference import bradley_terry_loss
 from lightrlhf.stages.checkpointing import check_trainable, keep_trainable
+from lightrlhf.stages.numerics import NonFiniteGuard, NumericsSpec
+from lightrlhf.stages.sft import guard_gradients
 from lightrlhf.stages.optim import OptimizerSpec, SchedulerSpec
 from lightrlhf.stages.reporting import log_data_summary
 from lightrlhf.validation import in_range, non_negative, positive
@@ -58,7 +60,7 @@ class RewardModelStage(L.LightningModule):
 
     def __init__(self, model: RewardModel, datamodule: PreferenceDataModule, optim: OptimizerSpec | None = None,
                  scheduler: SchedulerSpec | None = None, loss: PreferenceLossSpec | None = None,
-                 max_grad_norm: float | None = 1.0, head_lr_scale: float = 1.0):
+                 max_grad_norm: float | None = 1.0, head_lr_scale: float = 1.0, numerics: NumericsSpec | None = None):
         super().__init__()
         if max_grad_norm is not None:
             positive("max_grad_norm", max_grad_norm)
@@ -67,6 +69,7 @@ class RewardModelStage(L.LightningModule):
         self.optim, self.scheduler = optim or OptimizerSpec(), scheduler or SchedulerSpec()
         self.loss_spec, self.max_grad_norm, self.head_lr_scale = loss or PreferenceLossSpec(), max_grad_norm, head_lr_scale
         self.strict_loading = False
+        self.guard = NonFiniteGuard(numerics, "rm")
         self.val_loss = MeanMetric()
         self.val_rewards = torch.nn.ModuleDict({k: CatMetric() for k in ("chosen", "rejected", "chosen_length",
                                                                           "rejected_length", "index")})
@@ -88,6 +91,9 @@ class RewardModelStage(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         chosen, rejected = self.pair_rewards(batch)
         loss = self._loss(chosen, rejected, batch)
+        if not self.guard.check(self.global_step, loss=loss.detach(), rewards=torch.cat([chosen, rejected]).detach()):
+            self.log("numerics/skipped_batches", float(self.guard.skipped_total))
+            return None  # Lightning skips backward and the optimizer step for this batch
         diff = (chosen - rejected).detach()
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/accuracy", (diff > 0).float().mean(), prog_bar=True)
@@ -163,6 +169,7 @@ class RewardModelStage(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        guard_gradients(self, optimizer)
         clip = gradient_clip_val if gradient_clip_val is not None else self.max_grad_norm
         if clip is not None:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
@@ -170,11 +177,14 @@ class RewardModelStage(L.LightningModule):
     # -- checkpoints and export ----------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep_trainable(checkpoint, self.trainable_parameter_names())
-        checkpoint["lightrlhf"] = {"val": dict(self.val_results)}
+        checkpoint["lightrlhf"] = {"val": dict(self.val_results), "numerics": self.guard.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_trainable(checkpoint, self.trainable_parameter_names())
-        self.val_results = dict(checkpoint.get("lightrlhf", {}).get("val", {}))
+        state = checkpoint.get("lightrlhf", {})
+        self.val_results = dict(state.get("val", {}))
+        if "numerics" in state:
+            self.guard.load_state_dict(state["numerics"])
 
     def final_metrics(self) -> dict[str, float]:
         return dict(self.val_results)

@@ -32,6 +32,7 @@ from lightrlhf.data.modules import SFTDataModule
 from lightrlhf.models.causal_lm import CausalLM
 from lightrlhf.models.export import export_causal_lm
 from lightrlhf.stages.checkpointing import check_trainable, keep_trainable
+from lightrlhf.stages.numerics import NonFiniteGuard, NumericsSpec, gradient_norm
 from lightrlhf.stages.optim import OptimizerSpec, SchedulerSpec
 from lightrlhf.stages.reporting import log_data_summary, markdown_table
 from lightrlhf.stages.sampling import EvalSpec, GenerationSpec, response_stats, sample_texts
@@ -56,7 +57,7 @@ class SFTStage(L.LightningModule):
     def __init__(self, model: CausalLM, datamodule: SFTDataModule, optim: OptimizerSpec | None = None,
                  scheduler: SchedulerSpec | None = None, completion_only_loss: bool = True,
                  max_grad_norm: float | None = 1.0, generation: GenerationSpec | None = None,
-                 eval: EvalSpec | None = None):
+                 eval: EvalSpec | None = None, numerics: NumericsSpec | None = None):
         super().__init__()
         if max_grad_norm is not None:
             positive("max_grad_norm", max_grad_norm)
@@ -65,6 +66,7 @@ class SFTStage(L.LightningModule):
         self.completion_only_loss, self.max_grad_norm = completion_only_loss, max_grad_norm
         self.generation, self.eval_spec = generation or GenerationSpec(), eval or EvalSpec()
         self.strict_loading = False  # checkpoints hold only the trainable weights
+        self.guard = NonFiniteGuard(numerics, "sft")
         self.val_loss = MeanMetric()
         self.val_perplexity = Perplexity(ignore_index=IGNORE)
         self.eval_results: dict[str, float] = {}  # latest held-out sampling metrics
@@ -78,6 +80,9 @@ class SFTStage(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self.model(batch["input_ids"], batch["attention_mask"])
         loss, tokens = sft_loss(logits, batch["input_ids"], self._loss_mask(batch))
+        if not self.guard.check(self.global_step, loss=loss.detach()):
+            self.log("numerics/skipped_batches", float(self.guard.skipped_total))
+            return None  # Lightning skips backward and the optimizer step for this batch
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -152,6 +157,7 @@ class SFTStage(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        guard_gradients(self, optimizer)
         clip = gradient_clip_val if gradient_clip_val is not None else self.max_grad_norm
         if clip is not None:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
@@ -159,12 +165,15 @@ class SFTStage(L.LightningModule):
     # -- checkpoints and export ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep_trainable(checkpoint, self.trainable_parameter_names())
-        checkpoint["lightrlhf"] = {"initial_eval": dict(self.initial_eval), "eval": dict(self.eval_results)}
+        checkpoint["lightrlhf"] = {"initial_eval": dict(self.initial_eval), "eval": dict(self.eval_results),
+                                   "numerics": self.guard.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_trainable(checkpoint, self.trainable_parameter_names())
         state = checkpoint.get("lightrlhf", {})
         self.initial_eval, self.eval_results = dict(state.get("initial_eval", {})), dict(state.get("eval", {}))
+        if "numerics" in state:
+            self.guard.load_state_dict(state["numerics"])
 
     def final_metrics(self) -> dict[str, float]:
         metrics = dict(self.eval_results)
@@ -173,3 +182,11 @@ class SFTStage(L.LightningModule):
 
     def export(self, out_dir: Path, config: dict | None, metrics: dict | None, merged: bool) -> Path:
         return export_causal_lm(self.model, out_dir, stage="sft", config=config, metrics=metrics, merged=merged)
+
+
+def guard_gradients(stage: L.LightningModule, optimizer) -> None:
+    """Before the optimizer step: a non-finite gradient norm stops the run, or the step is emptied."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not stage.guard.check(stage.global_step, gradient_norm=gradient_norm(params)):
+        for param in params:
+            param.grad = None  # AdamW leaves a parameter without a gradient untouched

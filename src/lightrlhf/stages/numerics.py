@@ -1,0 +1,79 @@
+"""Non-finite values: stop loudly at the first one, or skip the batch and count.
+
+A NaN or inf in a loss, a reward, an advantage or a gradient norm is checked *before* the
+optimizer step, so the weights never take a poisoned update and the checkpoints already on disk
+stay the last good ones. `numerics.on_nonfinite=stop` (the default) ends the run with one line
+naming the stage, the step and the quantity; `skip` drops that batch (no optimizer step), counts
+it (`numerics/skipped_batches`) and stops only after `max_consecutive_skips` in a row.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from lightrlhf.errors import UserError
+from lightrlhf.validation import one_of, positive
+
+log = logging.getLogger(__name__)
+
+
+class NumericFault(UserError):
+    """Training produced a NaN/inf; exit status 3 (a diverged run, not a malformed input)."""
+
+    exit_code = 3
+
+
+@dataclass(frozen=True)
+class NumericsSpec:
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_consecutive_skips: int = 3
+
+    def __post_init__(self) -> None:
+        one_of("on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        positive("max_consecutive_skips", self.max_consecutive_skips)
+
+
+class NonFiniteGuard:
+    """`check(...)` is True when every quantity is finite; False means: skip this batch."""
+
+    def __init__(self, spec: NumericsSpec | None, stage: str):
+        self.spec, self.stage = spec or NumericsSpec(), stage
+        self.skipped_total = 0
+        self.skipped_in_a_row = 0
+
+    def check(self, step: int, **quantities: torch.Tensor | float) -> bool:
+        for name, value in quantities.items():
+            tensor = torch.as_tensor(value)
+            if not bool(torch.isfinite(tensor).all()):
+                return self._fault(step, name, tensor)
+        self.skipped_in_a_row = 0
+        return True
+
+    def _fault(self, step: int, name: str, value: torch.Tensor) -> bool:
+        what = "nan" if bool(torch.isnan(value).any()) else "inf"
+        where = f"{self.stage} stage, step {step}: {name} is {what}"
+        if self.spec.on_nonfinite == "stop":
+            raise NumericFault(f"{where}; stopped before the optimizer step, the last checkpoint is the last good "
+                               "state (numerics.on_nonfinite=skip skips such batches instead)")
+        self.skipped_total += 1
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row > self.spec.max_consecutive_skips:
+            raise NumericFault(f"{where}; {self.skipped_in_a_row} batches in a row were not finite "
+                               f"(numerics.max_consecutive_skips={self.spec.max_consecutive_skips}): stopping")
+        log.warning("%s; batch skipped (%d skipped so far)", where, self.skipped_total)
+        return False
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped_total": self.skipped_total, "skipped_in_a_row": self.skipped_in_a_row}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skipped_total, self.skipped_in_a_row = int(state["skipped_total"]), int(state["skipped_in_a_row"])
+
+
+def gradient_norm(parameters) -> torch.Tensor:
+    norms = [p.grad.detach().norm() for p in parameters if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())

@@ -1,0 +1,148 @@
+"""Faults provoked for real: NaN, SIGTERM/SIGINT, unwritable directories, a full disk, wrong inputs.
+
+Each test checks the one-line message, the exit status, and that earlier checkpoints and exports
+are intact (nothing half-written is left behind).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, train_cli, train_with_fault
+
+pytestmark = pytest.mark.slow
+SFT = ["stage=sft", "trainer.max_steps=40", "callbacks.checkpoint.every_n_steps=10", "trainer.val_check_interval=40",
+       "stage.eval.num_prompts=16"]
+
+
+def _checkpoints(run_dir):
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("step-*.ckpt"))
+
+
+def _no_temp_files(directory):
+    return not [p for p in directory.rglob("*") if p.name.startswith(".tmp-")]
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    done = train_with_fault("nan_loss_at_step:25", SFT + [f"hydra.run.dir={run_dir}"])
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert done.stderr.splitlines()[-1] == (
+        "error: sft stage, step 24: loss is nan; stopped before the optimizer step, the last checkpoint is the last "
+        "good state (numerics.on_nonfinite=skip skips such batches instead)")
+    assert "Traceback" not in done.stderr
+    assert _checkpoints(run_dir) == ["step-00000010.ckpt", "step-00000020.ckpt"]
+    state = torch.load(run_dir / "checkpoints" / "step-00000020.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(t).all() for t in state.values())
+    assert not (run_dir / "export").exists() and not (run_dir / "metrics.json").exists()
+
+
+def test_nan_loss_skipped_and_counted_when_asked(tmp_path):
+    run_dir = tmp_path / "run"
+    done = train_with_fault("nan_loss_at_step:25", SFT + ["numerics.on_nonfinite=skip", f"hydra.run.dir={run_dir}"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "sft stage, step 24: loss is nan; batch skipped (1 skipped so far)" in done.stdout + done.stderr
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["status"] == "completed" and record["metrics"]["numerics/skipped_batches"] == 1.0
+    # the skipped batch made no optimizer step: 40 batches were needed for 40 steps plus the skipped one
+    assert record["global_step"] == 40
+
+
+def test_nan_reward_in_ppo_names_the_quantity(tmp_path, exports):
+    run_dir = tmp_path / "ppo"
+    done = train_with_fault("nan_score_at_rollout:2", [
+        "stage=ppo", "data=demo_prompts", f"policy.init={exports / 'sft' / 'export'}",
+        f"reward.path={exports / 'rm' / 'export'}", "stage.datamodule.batch_size=8", "stage.rollouts=4",
+        "stage.eval.num_prompts=8", "reward.normalize.init_rollouts=1", "callbacks.checkpoint.every_n_steps=8",
+        f"hydra.run.dir={run_dir}"])
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert done.stderr.splitlines()[-1].startswith("error: ppo stage, step 8: scores is nan; stopped before")
+    assert _checkpoints(run_dir) == ["step-00000008.ckpt"]
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_sigint_save_a_checkpoint_and_say_how_to_resume(tmp_path, signum, code):
+    run_dir = tmp_path / "run"
+    args = ["stage=sft", "trainer.max_steps=100000", "callbacks.checkpoint.every_n_steps=100000",
+            "trainer.val_check_interval=100000", "stage.eval.at_start=false", f"hydra.run.dir={run_dir}"]
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py")] + args, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (run_dir / "tb").exists() and time.time() < deadline:  # training has started
+        time.sleep(0.2)
+    time.sleep(2.0)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr[-2000:]
+    checkpoints = _checkpoints(run_dir)
+    assert len(checkpoints) == 1
+    name = signal.Signals(signum).name
+    assert stderr.splitlines()[-1] == (f"interrupted by {name}: saved {run_dir / 'checkpoints' / checkpoints[0]}; "
+                                       f"continue with: python train.py resume={run_dir}")
+    step = int(checkpoints[0][5:13])
+    resumed = train_cli([f"resume={run_dir}", f"trainer.max_steps={step + 5}"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == step + 5
+
+
+def test_unwritable_output_directory_is_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    done = train_cli(["stage=sft", f"hydra.run.dir={blocker / 'run'}"])
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [f"error: {blocker / 'run'}: cannot write the run directory there "
+                                        "(Not a directory)"]
+
+
+def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
+    run_dir = tmp_path / "run"
+    done = train_with_fault("enospc_on_checkpoint:3", SFT + [f"hydra.run.dir={run_dir}"])
+    assert done.returncode == 2, done.stderr[-2000:]
+    target = run_dir / "checkpoints" / "step-00000030.ckpt"
+    assert done.stderr.splitlines()[-1] == f"error: {target}: cannot write (No space left on device); nothing was replaced"
+    assert _checkpoints(run_dir) == ["step-00000010.ckpt", "step-00000020.ckpt"] and _no_temp_files(run_dir)
+    torch.load(run_dir / "checkpoints" / "step-00000020.ckpt", weights_only=True)
+
+
+def test_disk_full_while_exporting_leaves_no_half_export(tmp_path):
+    run_dir = tmp_path / "run"
+    done = train_with_fault("enospc_on_export", SFT + [f"hydra.run.dir={run_dir}"])
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.splitlines()[-1] == (f"error: {run_dir / 'export'}: cannot write (No space left on device); "
+                                            "nothing was replaced")
+    assert not (run_dir / "export").exists() and _no_temp_files(run_dir)
+    assert _checkpoints(run_dir)[-1] == "step-00000040.ckpt"  # training is safe; resume= exports it
+
+
+def test_missing_or_wrong_exports_between_stages(tmp_path, exports):
+    ppo = ["stage=ppo", "data=demo_prompts", f"hydra.run.dir={tmp_path / 'run'}"]
+    cases = [
+        ([f"policy.init={tmp_path / 'nothing'}", f"reward.path={exports / 'rm' / 'export'}"],
+         f"error: config policy.init: {tmp_path / 'nothing'} is not a model directory"),
+        ([f"policy.init={exports / 'sft' / 'export'}", f"reward.path={exports / 'sft' / 'export'}"],
+         f"error: config reward.path: {exports / 'sft' / 'export'} is a causal_lm export (from stage 'sft'), "
+         "not a reward model"),
+        ([f"policy.init={exports / 'rm' / 'export'}", f"reward.path={exports / 'rm' / 'export'}"],
+         f"error: config policy.init: {exports / 'rm' / 'export'} is a reward_model export (from stage 'rm'), "
+         "not a causal language model"),
+        (["reward.path=null"],
+         "error: config reward.path: is required (a reward-model export) unless reward.components defines the reward"),
+    ]
+    for args, message in cases:
+        done = train_cli(ppo + args)
+        assert done.returncode == 2 and done.stderr.splitlines() == [message], (args, done.stderr[-1500:])
+
+
+def test_out_of_range_ppo_settings_name_their_key(tmp_path, exports):
+    base = ["stage=ppo", "data=demo_prompts", f"policy.init={exports / 'sft' / 'export'}",
+            f"reward.path={exports / 'rm' / 'export'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    done = train_cli(base + ["stage.ppo.clip_range=0"])
+    assert done.returncode == 2 and done.stderr.splitlines() == ["error: config stage.ppo.clip_range: must be > 0, got 0.0"]
