@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) train.py experiment=demo
+	$(PY) train.py
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -54,8 +54,8 @@ def test_run_then_resume_in_place_with_more_steps(tmp_path):
 
 def test_a_directory_holding_a_run_is_not_reused_without_resume(tmp_path):
     run_dir = tmp_path / "run"
-    assert train_cli(["trainer.max_steps=2", f"hydra.run.dir={run_dir}"] + FAST).returncode == 0
-    done = train_cli(["trainer.max_steps=2", f"hydra.run.dir={run_dir}"] + FAST)
+    assert train_cli(["stage=sft", "trainer.max_steps=2", f"hydra.run.dir={run_dir}"] + FAST).returncode == 0
+    done = train_cli(["stage=sft", "trainer.max_steps=2", f"hydra.run.dir={run_dir}"] + FAST)
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: {run_dir} already holds a run; continue it with resume={run_dir}, or choose a new hydra.run.dir"
 
@@ -99,7 +99,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     run_dir = tmp_path / "run"
     args = [a.format(d=data_dir) for a in args]
     if not any(a.startswith("resume=") for a in args):
-        args.append(f"hydra.run.dir={run_dir}")
+        args += ["stage=sft", f"hydra.run.dir={run_dir}"] if not any(a.startswith("stage=") for a in args) \
+            else [f"hydra.run.dir={run_dir}"]
     done = train_cli(args)
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
     assert done.stderr.splitlines() == [message.format(d=data_dir)]

@@ -18,6 +18,9 @@ REQUIRED = {("data", "jsonl"): [f"data.path={FIXTURES / 'data' / 'sft_prompt_com
 # GPU configs are built with the accelerator swapped for the CPU (everything else as shipped);
 # the composed value itself is checked separately below.
 ON_CPU = {("trainer", "gpu"): ["trainer.accelerator=cpu"]}
+# Configs that need a GPU or an optional package to instantiate: every node is still checked
+# against its target's signature (importable, known keys, value types) without being called.
+VALIDATE_ONLY = {("trainer", "fsdp"), ("trainer", "deepspeed"), ("logger", "wandb")}
 # Groups whose files are applied as overrides of the whole config (`# @package _global_`).
 GLOBAL_GROUPS = {"experiment", "hparams_search"}
 
@@ -45,7 +48,16 @@ def test_every_config_composes_and_builds(group, option, tmp_path, request):
     node = plain[group] if group not in GLOBAL_GROUPS else plain
     if group in GLOBAL_GROUPS:
         return  # composed above; its parts are built by the tests of those groups
-    if group == "stage" or _needs_exports(group, option):
+    if (group, option) in VALIDATE_ONLY:
+        from lightrlhf.launch.build import validate
+
+        validate(node, group)
+        return
+    if (group, option) == ("stage", "pipeline"):
+        from lightrlhf.launch.pipeline import PipelineSpec
+
+        assert [s.name for s in PipelineSpec.from_config(plain["pipeline"]).steps] == ["sft", "rm", "ppo"]
+    elif group == "stage" or _needs_exports(group, option):
         _build_stage_parts(plain)
     elif group in ("logger", "callbacks"):
         built = [build(n, f"{group}.{k}") for k, n in node.items() if n]
@@ -78,3 +90,52 @@ def test_real_model_configs_describe_loadable_models(tmp_path):
 def test_gpu_trainer_config_asks_for_a_gpu(tmp_path):
     trainer = to_plain(compose(["trainer=gpu"], tmp_path))["trainer"]
     assert trainer["accelerator"] == "gpu" and trainer["precision"] == "bf16-mixed"
+
+
+def test_cluster_configs_compose(tmp_path):
+    """The GPU strategies and the SLURM launcher: composed with the values a cluster run would use."""
+    fsdp = to_plain(compose(["trainer=fsdp"], tmp_path))["trainer"]
+    assert fsdp["strategy"]["use_orig_params"] is True and fsdp["precision"] == "bf16-mixed"
+    deepspeed = to_plain(compose(["trainer=deepspeed"], tmp_path))["trainer"]
+    assert deepspeed["strategy"]["stage"] == 2
+    ddp = to_plain(compose(["trainer=ddp"], tmp_path))["trainer"]
+    assert ddp["devices"] == 2 and ddp["strategy"]["_target_"].endswith("DDPStrategy")
+
+
+def test_slurm_launcher_composes():
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=["hydra/launcher=slurm", "stage=sft"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher.timeout_min == 240 and launcher.gpus_per_node == 1
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_every_pipeline_step_of_every_experiment_composes_and_checks(experiment, tmp_path):
+    """A recipe whose model or data cannot be downloaded here is still composed step by step, and
+    every node is checked against its target's signature."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from lightrlhf.launch.build import validate
+    from lightrlhf.launch.pipeline import PipelineSpec
+
+    plain = to_plain(compose([f"experiment={experiment}"], tmp_path))
+    spec = PipelineSpec.from_config(plain["pipeline"])
+    dirs = {s.name: str(tmp_path / s.name) for s in spec.steps}
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for step in spec.steps:
+            overrides = [o.format(**dirs) for o in step.overrides] + [f"paths.output_dir={tmp_path / step.name}"]
+            step_plain = to_plain(hydra_compose("train", overrides=overrides))
+            _settings(step_plain)
+            roles = ("policy", "value", "reward", "numerics")
+            for part in ("model", "data", "trainer") + roles:
+                if step_plain.get(part) is not None:
+                    validate(step_plain[part], part)
+            stage = dict(step_plain["stage"])
+            validate(stage.pop("model"), "stage.model", given=("spec", "tokenizer") + roles)
+            validate(stage.pop("datamodule"), "stage.datamodule", given=("source", "tokenizer"))
+            validate(stage, "stage", given=("model", "datamodule") + roles)

@@ -35,7 +35,7 @@ def test_shipped_model_config_trains_on_a_stand_in(family, tiny_tokenizer, tmp_p
     _standin(family, tiny_tokenizer).save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
     run_dir = tmp_path / "run"
-    run_in_process([f"model={family}", f"model.name_or_path={model_dir}", "trainer.max_steps=2",
+    run_in_process(["stage=sft", f"model={family}", f"model.name_or_path={model_dir}", "trainer.max_steps=2",
                     "trainer.val_check_interval=2", "stage.eval.num_prompts=4", "stage.datamodule.batch_size=4"],
                    run_dir)
     manifest = json.loads((run_dir / "export" / "lightrlhf.json").read_text())

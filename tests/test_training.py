@@ -15,7 +15,7 @@ from conftest import ROOT, compose, run_in_process
 from lightrlhf.launch.run import build_stage, to_plain
 from lightrlhf.models.causal_lm import load_causal_lm
 
-OVERRIDES = ["trainer.max_steps=60", "trainer.val_check_interval=30", "callbacks.checkpoint.every_n_steps=30",
+OVERRIDES = ["stage=sft", "trainer.max_steps=60", "trainer.val_check_interval=30", "callbacks.checkpoint.every_n_steps=30",
              "model.lora.r=4", "model.lora.alpha=8", "stage.eval.num_prompts=128", "export.merged=true"]
 
 
@@ -110,7 +110,7 @@ def test_export_round_trips_in_a_fresh_process_with_plain_transformers_and_peft(
 
 def test_full_fine_tune_trains_every_weight(tmp_path):
     run_dir = tmp_path / "full"
-    run_in_process(["model.lora=null", "trainer.max_steps=4", "stage.eval.num_prompts=8",
+    run_in_process(["stage=sft", "model.lora=null", "trainer.max_steps=4", "stage.eval.num_prompts=8",
                     "trainer.val_check_interval=4", "stage.optim.lr=1e-3"], run_dir)
     manifest = json.loads((run_dir / "export" / "lightrlhf.json").read_text())
     assert manifest["weights"] == "full" and (run_dir / "export" / "model.safetensors").is_file()

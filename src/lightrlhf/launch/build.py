@@ -206,3 +206,36 @@ def _fits(value: Any, hint: Any) -> tuple[bool, Any]:
         except TypeError:
             return True, value
     return True, value
+
+
+def validate(node: Any, key: str, given: tuple[str, ...] = ()) -> None:
+    """Check a node as `build` would -- importable targets, known keys, value types, required keys --
+    without calling anything. For configs whose targets need hardware or packages this machine
+    lacks (a GPU strategy, an optional logger). `given` names arguments supplied at build time."""
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            validate(item, f"{key}[{i}]")
+        return
+    if not isinstance(node, dict):
+        return
+    if TARGET not in node:
+        for k, v in node.items():
+            validate(v, _join(key, k))
+        return
+    target = locate(str(node[TARGET]), key)
+    params, accepts_any = _parameters(target)
+    hints = _type_hints(target)
+    name = getattr(target, "__name__", str(target))
+    for k, value in node.items():
+        if k in (TARGET, PARTIAL):
+            continue
+        if k not in params and not accepts_any:
+            raise ConfigError(_join(key, k), f"unknown key for {name}")
+        if isinstance(value, dict) and TARGET in value or isinstance(value, list):
+            validate(value, _join(key, k))
+        elif k in hints:
+            check_type(value, hints[k], _join(key, k))
+    for k, p in params.items():
+        if p.default is inspect.Parameter.empty and k not in node and k not in given and p.kind in (
+                inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+            raise ConfigError(_join(key, k), f"required by {name}, but not set")

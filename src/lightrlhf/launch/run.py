@@ -10,10 +10,13 @@ complete checkpoint in `<dir>/checkpoints`, writing into the same TensorBoard ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +39,10 @@ METRICS_FILE = "metrics.json"
 # Config groups that define what a run *is*; a resumed run may not switch them.
 IDENTITY_GROUPS = ("stage", "model", "data")
 TOP_LEVEL_PARTS = ("stage", "model", "data", "trainer", "logger", "callbacks", "paths", "demo", "hydra",
-                   "policy", "value", "reward")
+                   "policy", "value", "reward", "pipeline", "numerics")
 # Top-level role blocks a stage may use (PPO: policy.init, value.init, reward.path ...); each is
 # built from its own key so errors name it, and handed to the stage's model factory and the stage.
-ROLE_BLOCKS = ("policy", "value", "reward")
+ROLE_BLOCKS = ("policy", "value", "reward", "numerics")
 
 
 @dataclass(frozen=True)
@@ -123,13 +126,19 @@ def merged_overrides(previous: list[str], current: list[str], choices: dict[str,
     return list(by_key.values())
 
 
-def recompose_for_resume(run_dir: Path, current: list[str], config_name: str) -> tuple[DictConfig, list[str]]:
+def recompose_for_resume(run_dir: Path, current: list[str],
+                         config_name: str) -> tuple[DictConfig, list[str], dict[str, Any]]:
+    """The resumed run's config, overrides and config-group choices (recorded + current overrides)."""
     from hydra import compose
+    from omegaconf import open_dict
 
     record = read_record(run_dir)
     overrides = merged_overrides(record.get("overrides", []), current, record.get("choices", {}))
-    cfg = compose(config_name=config_name, overrides=overrides)
-    return cfg, overrides
+    cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    choices = dict(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, overrides, choices
 
 
 def write_record(run_dir: Path, overrides: list[str], choices: dict[str, Any], cfg: DictConfig) -> None:
@@ -163,7 +172,8 @@ def run(cfg: DictConfig) -> float | None:
         # One failed run must not end a sweep: record why, report NaN (Optuna marks it failed).
         message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
         log.error("run failed: %s", message, exc_info=not isinstance(error, UserError))
-        atomic_write_text(run_dir / METRICS_FILE, json.dumps({"status": "failed", "error": message}, indent=1))
+        atomic_write_text(run_dir / METRICS_FILE, json.dumps({"status": "failed", "error": message.splitlines()[0]
+                                                              if message else type(error).__name__}, indent=1))
         return float("nan")
 
 
@@ -176,11 +186,16 @@ def run_in(cfg: DictConfig, run_dir: Path, overrides: list[str], choices: dict[s
         if Path(str(resume)).expanduser().resolve() != run_dir.resolve():
             raise UserError(f"resume={resume} but the run directory is {run_dir}; "
                             "leave hydra.run.dir unset when resuming")
-        cfg, overrides = recompose_for_resume(run_dir, overrides, config_name)
+        cfg, overrides, choices = recompose_for_resume(run_dir, overrides, config_name)
         OmegaConf.update(cfg, "resume", str(run_dir), merge=False)
-        choices = {**read_record(run_dir).get("choices", {}), **choices}
     elif _is_rank_zero():
         refuse_existing_run(run_dir)
+    if choices.get("stage") == "pipeline":
+        from lightrlhf.launch.pipeline import PipelineSpec, run_pipeline
+
+        spec = PipelineSpec.from_config(OmegaConf.to_container(cfg.get("pipeline"), resolve=True) or {})
+        write_record(run_dir, overrides, choices, cfg)
+        return run_pipeline(spec, run_dir, overrides, config_name)
     plain = to_plain(cfg)
     settings = _settings(plain)
     if settings.threads:
@@ -197,23 +212,72 @@ def run_in(cfg: DictConfig, run_dir: Path, overrides: list[str], choices: dict[s
     if _is_rank_zero():
         write_record(run_dir, overrides, choices, cfg)
     log.info("run directory: %s", run_dir)
-    trainer.fit(stage, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    with rank_relaunch_command(run_dir, overrides, resuming=bool(settings.resume)):
+        trainer.fit(stage, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    for callback in trainer.callbacks:
+        interrupted = getattr(callback, "interruption", lambda _: None)(run_dir)
+        if interrupted is not None:
+            raise interrupted
     if trainer.interrupted:
         raise KeyboardInterrupt
     if getattr(stage, "last_validated_step", trainer.global_step) != trainer.global_step:
         # the final metrics describe the final weights, whatever val_check_interval was
         trainer.validate(stage, datamodule=datamodule, verbose=False)
     metrics = collect_metrics(trainer, stage)
+    name, value, mode = optimized(settings, stage, metrics)
     if settings.export.enabled and trainer.is_global_zero:
         stage.export(run_dir / "export", config=_exported_config(plain), metrics=metrics, merged=settings.export.merged)
     if trainer.is_global_zero:
         record = {"status": "completed", "stage": choices.get("stage"), "global_step": trainer.global_step,
-                  "wall_time_s": round(time.perf_counter() - started, 2), "metrics": metrics,
+                  "wall_time_s": round(time.perf_counter() - started, 2), "optimized_metric": name,
+                  "optimized_value": value, "optimized_mode": mode, "metrics": metrics,
                   "data": dict(getattr(datamodule, "summary", {}))}
         atomic_write_text(run_dir / METRICS_FILE, json.dumps(record, indent=1))
+        log_hparams(trainer, record, overrides)
         for line in summary_lines(record, stage, run_dir):
             log.info(line)
-    return optimized_value(settings, stage, metrics)
+    return value
+
+
+@contextlib.contextmanager
+def rank_relaunch_command(run_dir: Path, overrides: list[str], resuming: bool) -> Iterator[None]:
+    """Make the command Lightning's DDP launcher re-runs for each extra rank *this* single run.
+
+    Lightning starts ranks 1..N-1 by re-running `sys.argv` with `hydra.run.dir=<HydraConfig run.dir>`.
+    Inside a `-m` sweep that command is the whole sweep (each rank would start a sweep of its own)
+    and the run.dir pattern names a new timestamped directory; inside a pipeline it is the whole
+    pipeline. Here the command becomes this run's own overrides (resuming if this run resumes) and
+    the run directory this run writes to, so every rank joins the same run in the same directory.
+
+    Afterwards the process group is closed and the environment variables the launcher set are
+    restored, so the next run of a sweep in this process starts its own ranks again.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict, read_write
+
+    saved_argv, saved_environ = list(sys.argv), dict(os.environ)
+    sys.argv = [saved_argv[0]] + list(overrides) + ([f"resume={run_dir}"] if resuming else [])
+    hydra_cfg = HydraConfig.instance().cfg
+    saved_dir = None
+    run_node = hydra_cfg.hydra.run if hydra_cfg is not None else None
+    if run_node is not None:
+        with read_write(run_node), open_dict(run_node):
+            saved_dir = run_node.dir
+            run_node.dir = str(run_dir)
+    try:
+        yield
+    finally:
+        sys.argv = saved_argv
+        if _is_rank_zero() and "LOCAL_RANK" not in saved_environ:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+            os.environ.clear()
+            os.environ.update(saved_environ)
+        if run_node is not None:
+            with read_write(run_node), open_dict(run_node):
+                run_node.dir = saved_dir
 
 
 def _checkpoint_to_load(settings: RunSettings, run_dir: Path) -> Path | None:
@@ -313,10 +377,32 @@ def _exported_config(plain: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in plain.items() if k != "hydra"}
 
 
-def optimized_value(settings: RunSettings, stage, metrics: dict[str, float]) -> float | None:
+_LOWER_IS_BETTER = ("loss", "perplexity", "ece", "kl")
+
+
+def optimized(settings: RunSettings, stage, metrics: dict[str, float]) -> tuple[str | None, float | None, str]:
+    """(name, value, "min" or "max") of the metric handed to Hydra sweepers."""
     name = settings.optimized_metric or getattr(stage, "default_metric", None)
     if name is None:
-        return None
+        return None, None, "max"
     if name not in metrics:
         raise ConfigError("optimized_metric", f"{name!r} is not among the run's metrics ({', '.join(metrics)})")
-    return metrics[name]
+    mode = "min" if any(word in name.split("/")[-1] for word in _LOWER_IS_BETTER) else "max"
+    return name, metrics[name], mode
+
+
+def log_hparams(trainer, record: dict[str, Any], overrides: list[str]) -> None:
+    """TensorBoard's HParams view: this run's overrides as hyperparameters, its headline metrics."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    params = {}
+    for text in overrides:
+        key, _, value = text.lstrip("+~").partition("=")
+        if key and not key.startswith(("hydra", "paths", "resume")):
+            params[key] = value
+    metrics = {"hp/" + record["optimized_metric"].replace("/", "_"): record["optimized_value"]} \
+        if record.get("optimized_metric") else {}
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger) and params:
+            logger.log_hyperparams(params, metrics)
+            logger.experiment.flush()

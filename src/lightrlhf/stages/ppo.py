@@ -49,6 +49,7 @@ from lightrlhf.rl import (
     token_logprobs,
 )
 from lightrlhf.stages.checkpointing import check_trainable, keep_trainable
+from lightrlhf.stages.numerics import NonFiniteGuard, NumericsSpec, gradient_norm
 from lightrlhf.stages.optim import OptimizerSpec, SchedulerSpec
 from lightrlhf.stages.ppo_config import AlertSpec, KLSpec, PPOSpec, check_minibatches
 from lightrlhf.stages.reporting import log_data_summary, markdown_table
@@ -91,7 +92,7 @@ class PPOStage(L.LightningModule):
                  optim: OptimizerSpec | None = None, scheduler: SchedulerSpec | None = None,
                  max_grad_norm: float | None = 1.0, value_lr_scale: float = 1.0, rollouts: int = 200,
                  exploration_epsilon: float = 0.0, eval: EvalSpec | None = None, samples_every: int = 10,
-                 alerts: AlertSpec | None = None, seed: int = 0):
+                 alerts: AlertSpec | None = None, seed: int = 0, numerics: NumericsSpec | None = None):
         super().__init__()
         self.automatic_optimization = False
         if max_grad_norm is not None:
@@ -109,6 +110,7 @@ class PPOStage(L.LightningModule):
         self.exploration_epsilon, self.samples_every = exploration_epsilon, samples_every
         self.eval_spec, self.alerts = eval or EvalSpec(), alerts or AlertSpec()
         self.strict_loading = False
+        self.guard = NonFiniteGuard(numerics, "ppo")
         # the stage's own state, all of it checkpointed
         self.kl_controller = self.kl_spec.controller()
         self.normalizer = RunningMeanStd()
@@ -121,6 +123,13 @@ class PPOStage(L.LightningModule):
         self.last_validated_step = -1
         self._reference_eval: dict[int, tuple[list[str], list[float] | None]] = {}
         self._eval_rows: list[dict[str, Any]] = []
+
+    def setup(self, stage: str) -> None:
+        if self.trainer is not None and self.trainer.world_size > 1:
+            from lightrlhf.errors import UserError
+
+            raise UserError("config trainer: stage=ppo runs on one process (each rollout makes several backward "
+                            "passes, which data-parallel wrappers do not allow); use trainer=default or trainer=gpu")
 
     def train(self, mode: bool = True) -> PPOStage:
         super().train(mode)
@@ -231,15 +240,18 @@ class PPOStage(L.LightningModule):
             for start in range(0, rows, minibatch):
                 chosen = order[start:start + minibatch]
                 optimizer.zero_grad()
-                approx = []
+                approx, losses = [], []
                 for part in range(0, len(chosen), micro):
                     idx = chosen[part:part + micro]
                     result = self._loss(roll, idx, weight=len(idx) / len(chosen))
                     approx.append(result["policy/approxkl"])
+                    losses.append([result["policy/loss"], result["val/loss"]])
                     for k, v in result.items():
                         stats.setdefault(k, []).append(v)
-                grad_norm = torch.linalg.vector_norm(
-                    torch.stack([p.grad.detach().norm() for p in params if p.grad is not None]))
+                grad_norm = gradient_norm(params)
+                if not self.guard.check(self.global_step, loss=torch.tensor(losses), gradient_norm=grad_norm):
+                    optimizer.zero_grad()  # skip this minibatch's step; the weights stay finite
+                    continue
                 stats.setdefault("policy/grad_norm", []).append(grad_norm.item())
                 if self.max_grad_norm is not None:
                     self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
@@ -254,6 +266,7 @@ class PPOStage(L.LightningModule):
                 break
         out = {k: sum(v) / len(v) for k, v in stats.items()}
         out["policy/optimizer_steps"] = float(steps)
+        out["numerics/skipped_batches"] = float(self.guard.skipped_total)
         return out
 
     def _loss(self, roll: Rollout, idx: Tensor, weight: float) -> dict[str, float]:
@@ -278,6 +291,10 @@ class PPOStage(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         started = time.perf_counter()
         roll = self.rollout(batch["prompt_ids"], batch["prompt_text"], self._raw_prompts(batch, train=True))
+        if not self.guard.check(self.global_step, scores=roll.scores, rewards=roll.rewards,
+                                advantages=roll.advantages, values=roll.values):
+            self.log("numerics/skipped_batches", float(self.guard.skipped_total))
+            return  # no update from a poisoned rollout
         rolled = time.perf_counter()
         stats = self.update(roll)
         updated = time.perf_counter()
@@ -479,7 +496,8 @@ class PPOStage(L.LightningModule):
             "kl_controller": self.kl_controller.state_dict(), "normalizer": self.normalizer.state_dict(),
             "rollout_count": self.rollout_count, "sampler": self.sampler.get_state(),
             "baseline": dict(self.baseline), "alerts_fired": dict(self.alerts_fired),
-            "initial_eval": dict(self.initial_eval), "eval": dict(self.eval_results)}
+            "initial_eval": dict(self.initial_eval), "eval": dict(self.eval_results),
+            "numerics": self.guard.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_trainable(checkpoint, self.trainable_parameter_names())
@@ -490,6 +508,7 @@ class PPOStage(L.LightningModule):
         self.sampler.set_state(state["sampler"])
         self.baseline, self.alerts_fired = dict(state["baseline"]), dict(state["alerts_fired"])
         self.initial_eval, self.eval_results = dict(state["initial_eval"]), dict(state["eval"])
+        self.guard.load_state_dict(state["numerics"])
 
     def final_metrics(self) -> dict[str, float]:
         metrics = dict(self.eval_results)

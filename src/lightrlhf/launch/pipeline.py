@@ -1,0 +1,200 @@
+"""Several stages in one run directory, each stage taking the previous stages' exports.
+
+    <run dir>/
+      sft/ rm/ ppo/      one ordinary run directory per step (config, checkpoints, export, metrics)
+      summary.json       each step's key metrics and wall time, and the gold score along the way
+
+A pipeline is `stage=pipeline` plus a `pipeline.steps` list (conf/experiment/demo.yaml): each step
+is a name and the overrides that run it, where `{name}` stands for an earlier step's directory
+(`policy.init={sft}/export`). Overrides given on the command line apply to every step whose
+config has that key (`seed=1`, `demo.annotator.length_bias=0.2`); `pipeline.extra.<step>` adds
+overrides to one step only.
+
+A step that already finished is not run again; a step that was interrupted is resumed from its
+last checkpoint -- so `python train.py resume=<run dir>` continues a killed pipeline where it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lightrlhf.callbacks.checkpoint import RunInterrupted
+from lightrlhf.errors import ConfigError
+from lightrlhf.io import atomic_write_text
+
+log = logging.getLogger("lightrlhf")
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    overrides: list[str]
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    steps: list[Step]
+    extra: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, node: Any) -> PipelineSpec:
+        if not node or not node.get("steps"):
+            raise ConfigError("pipeline.steps", "stage=pipeline needs a list of steps (see experiment=demo)")
+        steps = []
+        for i, item in enumerate(node["steps"]):
+            if not isinstance(item, dict) or "name" not in item or "overrides" not in item:
+                raise ConfigError(f"pipeline.steps[{i}]", "each step needs a name and a list of overrides")
+            steps.append(Step(str(item["name"]), [str(o) for o in item["overrides"]]))
+        names = [s.name for s in steps]
+        if len(set(names)) != len(names):
+            raise ConfigError("pipeline.steps", f"step names must be unique, got {names}")
+        extra = {str(k): [str(o) for o in v] for k, v in (node.get("extra") or {}).items()}
+        unknown = sorted(set(extra) - set(names))
+        if unknown:
+            raise ConfigError(f"pipeline.extra.{unknown[0]}", f"no step of that name (steps: {', '.join(names)})")
+        return cls(steps, extra)
+
+
+def _key(override: str) -> str:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_override(override).key_or_group
+
+
+def _global_overrides(task_overrides: list[str]) -> list[str]:
+    """Command-line overrides meant for every step (not the pipeline's own keys)."""
+    own = ("stage", "experiment", "resume", "pipeline")
+    return [o for o in task_overrides if _key(o).split(".")[0] not in own]
+
+
+def step_overrides(step: Step, spec: PipelineSpec, run_dir: Path, global_overrides: list[str],
+                   config_name: str) -> list[str]:
+    """The step's own overrides (with `{name}` filled in), the global ones whose key it has, its extras."""
+    from hydra import compose
+
+    directories = {s.name: str(run_dir / s.name) for s in spec.steps}
+    own = [o.format(**directories) for o in step.overrides] + [o.format(**directories) for o in spec.extra.get(step.name, [])]
+    base = compose(config_name=config_name, overrides=own)
+    kept = []
+    for override in global_overrides:
+        key = _key(override)
+        if key.startswith(("+", "~")) or OmegaConf.select(base, key.lstrip("+~"), default="__absent__") != "__absent__":
+            kept.append(override)
+        else:
+            log.info("pipeline step %s: override %s does not apply to it", step.name, override)
+    return own[:len(step.overrides)] + kept + own[len(step.overrides):]
+
+
+def run_pipeline(spec: PipelineSpec, run_dir: Path, task_overrides: list[str], config_name: str) -> float | None:
+    from hydra import compose
+
+    from lightrlhf.launch.run import METRICS_FILE, RUN_RECORD, run_in
+
+    started = time.perf_counter()
+    global_overrides = _global_overrides(task_overrides)
+    results: dict[str, dict[str, Any]] = {}
+    value = None
+    for step in spec.steps:
+        step_dir = run_dir / step.name
+        record = _read_json(step_dir / METRICS_FILE)
+        if record.get("status") == "completed":
+            log.info("pipeline step %s already finished: %s", step.name, step_dir)
+            results[step.name] = record
+            continue
+        overrides = step_overrides(step, spec, run_dir, global_overrides, config_name)
+        resuming = (step_dir / RUN_RECORD).exists()
+        log.info("pipeline step %s%s: %s", step.name, " (resuming)" if resuming else "", " ".join(overrides))
+        cfg = compose(config_name=config_name, overrides=overrides + [f"paths.output_dir={step_dir}"],
+                      return_hydra_config=True)
+        choices = dict(cfg.hydra.runtime.choices)
+        cfg = _without_hydra(cfg)
+        if resuming:
+            OmegaConf.update(cfg, "resume", str(step_dir), merge=False)
+        try:
+            value = run_in(cfg, step_dir, overrides + [f"paths.output_dir={step_dir}"], choices, config_name)
+        except RunInterrupted as interrupted:  # point at the pipeline, which resumes this step
+            raise RunInterrupted(str(interrupted).replace(f"resume={step_dir}", f"resume={run_dir}"),
+                                 interrupted.exit_code) from None
+        results[step.name] = _read_json(step_dir / METRICS_FILE)
+    summary = summarise(results, time.perf_counter() - started)
+    atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
+    for line in summary_table(summary):
+        log.info(line)
+    log.info("outputs: %s (one directory per step; summary.json); tensorboard --logdir %s", run_dir, run_dir)
+    return value
+
+
+def _without_hydra(cfg: DictConfig) -> DictConfig:
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# -- the summary ------------------------------------------------------------------------------------
+HEADLINES = {
+    "sft": ("val/loss", "val/perplexity"),
+    "rm": ("val/accuracy", "val/gold_accuracy", "val/annotator_gold_agreement", "val/ece"),
+    "ppo": ("eval/reward", "eval/kl", "eval/win_rate_vs_sft", "eval/length_mean"),
+}
+
+
+def summarise(results: dict[str, dict[str, Any]], wall_time_s: float) -> dict[str, Any]:
+    steps = {}
+    gold: dict[str, float] = {}
+    for name, record in results.items():
+        metrics = record.get("metrics", {})
+        stage = record.get("stage", name)
+        keys = HEADLINES.get(stage, ())
+        steps[name] = {"stage": stage, "wall_time_s": record.get("wall_time_s"),
+                       "global_step": record.get("global_step"),
+                       "metrics": {k: metrics[k] for k in keys if k in metrics}}
+        # the hidden gold score along the pipeline: untrained base -> SFT -> PPO
+        if stage == "sft" and "eval/gold_score" in metrics:
+            gold.setdefault("untrained", metrics.get("eval/gold_score_initial"))
+            gold["sft"] = metrics["eval/gold_score"]
+            gold["sft_std"] = metrics.get("eval/gold_score_std")
+        if stage == "ppo" and "eval/gold_score" in metrics:
+            # PPO measures its start (the SFT policy) and its end on the same prompts with the same seed
+            gold["ppo_start"] = metrics.get("eval/gold_score_initial")
+            gold["ppo_start_std"] = metrics.get("eval/gold_score_std_initial")
+            gold["ppo"] = metrics["eval/gold_score"]
+    summary: dict[str, Any] = {"wall_time_s": round(wall_time_s, 1), "steps": steps}
+    if gold:
+        summary["gold_score"] = {k: v for k, v in gold.items() if v is not None}
+        if gold.get("ppo_start") is not None and gold.get("ppo_start_std"):
+            summary["gold_score"]["ppo_gain_in_sft_std"] = (gold["ppo"] - gold["ppo_start"]) / gold["ppo_start_std"]
+    return summary
+
+
+def summary_table(summary: dict[str, Any]) -> list[str]:
+    lines = ["", "| step | stage | wall time | key metrics |", "|---|---|---|---|"]
+    for name, step in summary["steps"].items():
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in step["metrics"].items())
+        wall = f"{step['wall_time_s']:.0f} s" if step.get("wall_time_s") is not None else "-"
+        lines.append(f"| {name} | {step['stage']} | {wall} | {shown} |")
+    gold = summary.get("gold_score")
+    if gold:
+        parts = [f"{k} {gold[k]:.3f}" for k in ("untrained", "sft", "ppo") if k in gold]
+        lines.append(f"hidden gold score: {' -> '.join(parts)}")
+        if "ppo_gain_in_sft_std" in gold:
+            lines.append(f"  PPO vs its SFT start on the same held-out prompts: {gold['ppo_start']:.3f} -> "
+                         f"{gold['ppo']:.3f} ({gold['ppo_gain_in_sft_std']:+.2f} standard deviations of the SFT policy)")
+    lines.append(f"total wall time: {summary['wall_time_s']:.0f} s")
+    return lines
