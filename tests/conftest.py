@@ -43,8 +43,8 @@ def compose(overrides: list[str], output_dir: Path | None = None):
 
 def run_in_process(overrides: list[str], run_dir: Path):
     """Run training in this process exactly as train.py would (no Hydra job machinery)."""
-    from hydra import initialize_config_dir
     from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from lightrlhf.launch.run import run_in
 

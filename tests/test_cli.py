@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import train_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from conftest import FIXTURES, train_cli
 
 pytestmark = pytest.mark.slow
 FAST = ["stage.eval.num_prompts=32", "trainer.val_check_interval=10", "callbacks.checkpoint.every_n_steps=10"]

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from conftest import CONF, FIXTURES, compose
 from omegaconf import OmegaConf
 
-from conftest import CONF, FIXTURES, compose
 from lightrlhf.launch.build import build
 from lightrlhf.launch.run import _settings, to_plain
 

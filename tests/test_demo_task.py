@@ -15,7 +15,7 @@ from lightrlhf.demo import assets, corpus
 from lightrlhf.demo.annotator import A_BETTER, B_BETTER, TIE, SimulatedAnnotator
 from lightrlhf.demo.corpus import preference_rows, pretraining_texts, prompt_rows, sft_rows, split_of
 from lightrlhf.demo.gold import WEIGHTS, GoldBreakdown, GoldScorer, gold_breakdown, gold_score
-from lightrlhf.demo.language import REQUESTS, TOPICS, parse_prompt, vocabulary, Prompt
+from lightrlhf.demo.language import REQUESTS, TOPICS, Prompt, parse_prompt, vocabulary
 from lightrlhf.demo.shipped import TINY_DIR
 from lightrlhf.demo.task import DemoTask, demo_file
 from lightrlhf.errors import ConfigValueError

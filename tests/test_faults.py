@@ -15,7 +15,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT, train_cli, train_with_fault
 
 pytestmark = pytest.mark.slow

@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
 from conftest import run_in_process
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 pytestmark = pytest.mark.slow
 

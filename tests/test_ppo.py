@@ -7,9 +7,9 @@ import signal
 
 import pytest
 import torch
+from conftest import run_in_process, train_cli, train_with_fault
 from safetensors.torch import load_file
 
-from conftest import run_in_process, train_cli, train_with_fault
 from lightrlhf.errors import UserError
 from lightrlhf.models.actor_critic import PolicySpec, ValueSpec, load_actor_critic
 from lightrlhf.rewards import Component, RewardSpec, length_words
@@ -36,9 +36,9 @@ def _tokenizer(spec):
 
 
 def _stage(model, **kwargs):
+    from conftest import CONF
     from hydra import compose, initialize_config_dir
 
-    from conftest import CONF
     from lightrlhf.launch.build import build
     from lightrlhf.launch.run import to_plain
 

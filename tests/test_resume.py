@@ -7,9 +7,8 @@ import signal
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import train_cli, train_with_fault
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 ARGS = ["stage=sft", "model=tiny", "data=demo_sft", "trainer.max_steps=40", "trainer.val_check_interval=20",

@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import FIXTURES, run_in_process, train_cli
+
 from lightrlhf.data.modules import collate_pairs
 from lightrlhf.data.tokenize import PairFeatures, TruncationReport, encode_pair
 from lightrlhf.errors import UserError
@@ -144,7 +144,7 @@ def test_rm_learns_the_demo_task_and_its_export_scores_identically_in_a_fresh_pr
 
 def test_loading_an_sft_export_as_a_reward_model_is_refused(tmp_path):
     (tmp_path / "lightrlhf.json").write_text(json.dumps({"kind": "causal_lm", "stage": "sft"}))
-    with pytest.raises(UserError, match=r"is a causal_lm export from stage 'sft', not a reward model"):
+    with pytest.raises(UserError, match=r"is a causal_lm export \(from stage 'sft'\), not a reward model"):
         RewardModel.from_pretrained(tmp_path)
 
 

@@ -9,9 +9,9 @@ import textwrap
 
 import pytest
 import torch
+from conftest import ROOT, compose, run_in_process
 from safetensors.torch import load_file
 
-from conftest import ROOT, compose, run_in_process
 from lightrlhf.launch.run import build_stage, to_plain
 from lightrlhf.models.causal_lm import load_causal_lm
 

@@ -9,10 +9,9 @@ import sys
 import time
 
 import pytest
+from conftest import ROOT, train_cli, train_with_fault
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-
-from conftest import ROOT, train_cli, train_with_fault
 
 pytestmark = pytest.mark.slow
 QUICK_PIPELINE = ['pipeline.extra.sft=["trainer.max_steps=20","stage.eval.num_prompts=32"]',

@@ -13,7 +13,6 @@ Faults (the test decides which, through argv[1]):
 """
 
 import errno
-
 import os
 import runpy
 import signal

@@ -11,8 +11,8 @@ truncated and why); stages log it, so nothing is filtered silently.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import lightning as L

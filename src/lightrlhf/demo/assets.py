@@ -29,7 +29,6 @@ from lightrlhf.demo.language import SPECIAL_TOKENS, vocabulary
 from lightrlhf.demo.shipped import TINY_DIR
 from lightrlhf.io import atomic_directory
 
-
 # The size the feasibility figures in the design notes found sufficient; larger costs time and
 # teaches the demo nothing more.
 TINY_CONFIG = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,

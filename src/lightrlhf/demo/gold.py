@@ -23,11 +23,11 @@ import re
 from dataclasses import dataclass
 
 from lightrlhf.demo.language import (
+    CONTENT_WORDS,
     POLITE_WORDS,
     RUDE_WORDS,
     TARGET_WORDS,
     TOPIC_OF,
-    CONTENT_WORDS,
     parse_prompt,
 )
 

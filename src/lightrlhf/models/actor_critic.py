@@ -24,7 +24,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -38,7 +37,15 @@ from lightrlhf.models.loading import (
     resolve_model_dir,
     weights_fingerprint,
 )
-from lightrlhf.models.reward import HEAD_FILE, RewardModel, ScoreHead, backbone_of, hidden_size_of, last_token_hidden
+from lightrlhf.models.reward import (
+    HEAD_FILE,
+    RewardModel,
+    ScoreHead,
+    backbone_of,
+    hidden_size_of,
+    last_token_hidden,
+    reward_manifest,
+)
 from lightrlhf.models.spec import ModelSpec
 from lightrlhf.validation import one_of
 
@@ -176,14 +183,7 @@ def load_actor_critic(spec: ModelSpec, tokenizer, policy: PolicySpec, value: Val
 
 
 def _reward_manifest(path: str) -> dict:
-    directory = Path(path)
-    meta = read_export_manifest(directory) if directory.is_dir() else None
-    if meta is None:
-        raise UserError(f"config reward.path: {path} is not a lightrlhf export directory")
-    if meta.get("kind") != "reward_model":
-        raise UserError(f"config reward.path: {path} is a {meta.get('kind')} export (from stage "
-                        f"{meta.get('stage')!r}), not a reward model")
-    return meta
+    return reward_manifest(path, key="reward.path")
 
 
 def _load_head(path: str, meta: dict) -> ScoreHead:

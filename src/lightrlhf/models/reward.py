@@ -131,12 +131,7 @@ class RewardModel(nn.Module):
     def from_pretrained(cls, directory: str | Path, dtype: str = "float32") -> RewardModel:
         """Load a reward-model export (in a fresh process too): base, adapter, head, tokenizer."""
         directory = Path(directory)
-        meta = read_export_manifest(directory) if directory.is_dir() else None
-        if meta is None:
-            raise UserError(f"{directory}: not a lightrlhf export (no lightrlhf.json)")
-        if meta.get("kind") != "reward_model":
-            raise UserError(f"{directory} is a {meta.get('kind')} export from stage {meta.get('stage')!r}, "
-                            "not a reward model")
+        meta = reward_manifest(directory)
         if not (directory / HEAD_FILE).is_file():
             raise UserError(f"{directory}: reward model export has no {HEAD_FILE}")
         tokenizer = load_tokenizer(ModelSpec(name_or_path=str(directory)))
@@ -155,6 +150,19 @@ class RewardModel(nn.Module):
         model = cls(module, head, tokenizer, spec, identity)
         model.requires_grad_(False)
         return model.eval()
+
+
+def reward_manifest(directory: str | Path, key: str | None = None) -> dict:
+    """The manifest of a reward-model export; anything else is a one-line error (naming `key`)."""
+    directory = Path(directory)
+    where = f"config {key}: {directory}" if key else str(directory)
+    meta = read_export_manifest(directory) if directory.is_dir() else None
+    if meta is None:
+        raise UserError(f"{where} is not a lightrlhf export directory")
+    if meta.get("kind") != "reward_model":
+        raise UserError(f"{where} is a {meta.get('kind')} export (from stage {meta.get('stage')!r}), "
+                        "not a reward model")
+    return meta
 
 
 def load_reward_model_for_training(spec: ModelSpec, tokenizer=None, head_std: float = 0.02) -> RewardModel:

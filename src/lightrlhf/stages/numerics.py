@@ -77,3 +77,17 @@ class NonFiniteGuard:
 def gradient_norm(parameters) -> torch.Tensor:
     norms = [p.grad.detach().norm() for p in parameters if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+def guard_and_clip(stage, optimizer, max_grad_norm: float | None) -> None:
+    """`configure_gradient_clipping` of the automatically optimised stages (SFT, RM).
+
+    Before the optimizer step: a non-finite gradient norm stops the run, or (skip mode) empties the
+    step -- AdamW leaves a parameter without a gradient untouched; then the norm is clipped.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not stage.guard.check(stage.global_step, gradient_norm=gradient_norm(params)):
+        for param in params:
+            param.grad = None
+    if max_grad_norm is not None:
+        stage.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")

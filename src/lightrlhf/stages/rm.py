@@ -37,8 +37,7 @@ from lightrlhf.data.tokenize import prompt_text
 from lightrlhf.models.reward import RewardModel
 from lightrlhf.rl.preference import bradley_terry_loss
 from lightrlhf.stages.checkpointing import check_trainable, keep_trainable
-from lightrlhf.stages.numerics import NonFiniteGuard, NumericsSpec
-from lightrlhf.stages.sft import guard_gradients
+from lightrlhf.stages.numerics import NonFiniteGuard, NumericsSpec, guard_and_clip
 from lightrlhf.stages.optim import OptimizerSpec, SchedulerSpec
 from lightrlhf.stages.reporting import log_data_summary
 from lightrlhf.validation import in_range, non_negative, positive
@@ -169,10 +168,7 @@ class RewardModelStage(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        guard_gradients(self, optimizer)
-        clip = gradient_clip_val if gradient_clip_val is not None else self.max_grad_norm
-        if clip is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        guard_and_clip(self, optimizer, gradient_clip_val if gradient_clip_val is not None else self.max_grad_norm)
 
     # -- checkpoints and export ----------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

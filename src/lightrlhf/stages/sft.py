@@ -32,7 +32,7 @@ from lightrlhf.data.modules import SFTDataModule
 from lightrlhf.models.causal_lm import CausalLM
 from lightrlhf.models.export import export_causal_lm
 from lightrlhf.stages.checkpointing import check_trainable, keep_trainable
-from lightrlhf.stages.numerics import NonFiniteGuard, NumericsSpec, gradient_norm
+from lightrlhf.stages.numerics import NonFiniteGuard, NumericsSpec, guard_and_clip
 from lightrlhf.stages.optim import OptimizerSpec, SchedulerSpec
 from lightrlhf.stages.reporting import log_data_summary, markdown_table
 from lightrlhf.stages.sampling import EvalSpec, GenerationSpec, response_stats, sample_texts
@@ -157,10 +157,7 @@ class SFTStage(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        guard_gradients(self, optimizer)
-        clip = gradient_clip_val if gradient_clip_val is not None else self.max_grad_norm
-        if clip is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        guard_and_clip(self, optimizer, gradient_clip_val if gradient_clip_val is not None else self.max_grad_norm)
 
     # -- checkpoints and export ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -183,10 +180,3 @@ class SFTStage(L.LightningModule):
     def export(self, out_dir: Path, config: dict | None, metrics: dict | None, merged: bool) -> Path:
         return export_causal_lm(self.model, out_dir, stage="sft", config=config, metrics=metrics, merged=merged)
 
-
-def guard_gradients(stage: L.LightningModule, optimizer) -> None:
-    """Before the optimizer step: a non-finite gradient norm stops the run, or the step is emptied."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if not stage.guard.check(stage.global_step, gradient_norm=gradient_norm(params)):
-        for param in params:
-            param.grad = None  # AdamW leaves a parameter without a gradient untouched
