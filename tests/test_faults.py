@@ -145,3 +145,24 @@ def test_out_of_range_ppo_settings_name_their_key(tmp_path, exports):
             f"reward.path={exports / 'rm' / 'export'}", f"hydra.run.dir={tmp_path / 'run'}"]
     done = train_cli(base + ["stage.ppo.clip_range=0"])
     assert done.returncode == 2 and done.stderr.splitlines() == ["error: config stage.ppo.clip_range: must be > 0, got 0.0"]
+
+
+def test_custom_model_code_is_not_run_unless_asked(tmp_path, tiny_spec):
+    """A model directory that needs code from its repository is refused without trust_remote_code."""
+    import shutil
+    from dataclasses import replace
+
+    from lightrlhf.errors import UserError
+    from lightrlhf.models.loading import load_base_model
+
+    model_dir = tmp_path / "custom"
+    shutil.copytree(tiny_spec.name_or_path, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "modeling_custom.CustomConfig",
+                          "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    config["model_type"] = "custom_llama"
+    (model_dir / "config.json").write_text(json.dumps(config))
+    (model_dir / "modeling_custom.py").write_text("raise SystemExit('remote code ran')\n")
+    with pytest.raises(UserError, match="needs custom code from the model repository; set "
+                                        "model.trust_remote_code=true if you trust it"):
+        load_base_model(replace(tiny_spec, name_or_path=str(model_dir)))

@@ -155,3 +155,15 @@ def test_malformed_preference_file_is_one_line_and_exit_2(tmp_path):
     done = train_cli(["stage=rm", "data=jsonl", f"data.path={bad}", f"hydra.run.dir={tmp_path / 'run'}"])
     assert done.returncode == 2
     assert done.stderr.splitlines() == [f'error: {bad}:2: field "rejected" is missing']
+
+
+def test_rm_resume_continues_in_place(tmp_path):
+    run_dir = tmp_path / "rm"
+    common = ["stage=rm", "data=demo_pref", "trainer.val_check_interval=100", "callbacks.checkpoint.every_n_steps=5"]
+    run_in_process(common + ["trainer.max_steps=5"], run_dir)
+    run_in_process([f"resume={run_dir}", "trainer.max_steps=10"], run_dir)
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["global_step"] == 10 and record["stage"] == "rm"
+    assert json.loads((run_dir / "run.json").read_text())["launches"] == 2
+    for name in ("train/accuracy", "train/ece", "train/chosen_std", "train/length_correlation"):
+        assert name in record["metrics"]

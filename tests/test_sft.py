@@ -55,3 +55,41 @@ def test_over_long_prompt_is_cut_from_the_left_and_counted(tiny_tokenizer):
     assert features.prompt_length == 8
     assert tiny_tokenizer.decode(features.input_ids[:8]).endswith("river rain :")
     assert report.counts["prompt_truncated"] == 1
+
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+
+from conftest import FIXTURES, run_in_process  # noqa: E402
+
+
+@pytest.mark.parametrize("name,fmt", [("sft_prompt_completion.jsonl", "prompt_completion"),
+                                      ("sft_messages.jsonl", "messages"), ("sft_alpaca.json", "alpaca"),
+                                      ("sft_sharegpt.json", "messages")])
+def test_sft_trains_on_each_data_format(name, fmt, tmp_path):
+    run_in_process(["stage=sft", "data=jsonl", f"data.path={FIXTURES / 'data' / name}", "trainer.max_steps=2",
+                    "stage.datamodule.batch_size=2", "trainer.val_check_interval=2", "stage.eval.num_prompts=2"],
+                   tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["data"]["train/format"] == fmt and record["status"] == "completed"
+
+
+def test_gradient_accumulation_goes_through_lightning(tmp_path):
+    run_in_process(["stage=sft", "trainer.max_steps=3", "trainer.accumulate_grad_batches=2",
+                    "trainer.val_check_interval=6", "stage.eval.at_start=false", "stage.eval.num_prompts=4"],
+                   tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["global_step"] == 3  # optimizer steps; six batches were consumed
+    checkpoint = __import__("torch").load(tmp_path / "run" / "checkpoints" / "step-00000003.ckpt", weights_only=True)
+    assert checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] == 6
+
+
+def test_ckpt_path_starts_a_new_run_from_a_checkpoint(tmp_path):
+    common = ["stage=sft", "trainer.val_check_interval=100", "stage.eval.num_prompts=4",
+              "callbacks.checkpoint.every_n_steps=5"]
+    run_in_process(common + ["trainer.max_steps=5"], tmp_path / "first")
+    run_in_process(common + ["trainer.max_steps=8", f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'step-00000005.ckpt'}"],
+                   tmp_path / "second")
+    assert json.loads((tmp_path / "second" / "metrics.json").read_text())["global_step"] == 8
+    assert json.loads((tmp_path / "first" / "metrics.json").read_text())["global_step"] == 5  # untouched

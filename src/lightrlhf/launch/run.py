@@ -220,10 +220,11 @@ def run_in(cfg: DictConfig, run_dir: Path, overrides: list[str], choices: dict[s
             raise interrupted
     if trainer.interrupted:
         raise KeyboardInterrupt
+    training_metrics = collect_metrics(trainer, stage)
     if getattr(stage, "last_validated_step", trainer.global_step) != trainer.global_step:
         # the final metrics describe the final weights, whatever val_check_interval was
         trainer.validate(stage, datamodule=datamodule, verbose=False)
-    metrics = collect_metrics(trainer, stage)
+    metrics = {**training_metrics, **collect_metrics(trainer, stage)}  # validate() resets the logged metrics
     name, value, mode = optimized(settings, stage, metrics)
     if settings.export.enabled and trainer.is_global_zero:
         stage.export(run_dir / "export", config=_exported_config(plain), metrics=metrics, merged=settings.export.merged)

@@ -140,11 +140,13 @@ def _from_pretrained(directory: Path, spec: ModelSpec):
         return AutoModelForCausalLM.from_pretrained(
             directory, dtype=getattr(torch, spec.dtype), trust_remote_code=spec.trust_remote_code,
             attn_implementation=spec.attn_implementation)
-    except ValueError as error:
+    except (ValueError, OSError, KeyError) as error:
         if "trust_remote_code" in str(error):
             raise UserError(f"config model.trust_remote_code: {directory} needs custom code from the model "
                             "repository; set model.trust_remote_code=true if you trust it") from None
-        raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"config model.name_or_path: cannot load a causal language model from {directory} "
+                        f"({first})") from None
 
 
 def load_base_model(spec: ModelSpec):

@@ -93,10 +93,11 @@ class RewardModelStage(L.LightningModule):
         if not self.guard.check(self.global_step, loss=loss.detach(), rewards=torch.cat([chosen, rejected]).detach()):
             self.log("numerics/skipped_batches", float(self.guard.skipped_total))
             return None  # Lightning skips backward and the optimizer step for this batch
-        diff = (chosen - rejected).detach()
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/accuracy", (diff > 0).float().mean(), prog_bar=True)
-        self.log("train/margin_mean", diff.mean())
+        batch_metrics = preference_metrics(chosen.detach(), rejected.detach(), batch["chosen_length"],
+                                           batch["rejected_length"])
+        for name, value in batch_metrics.items():  # the held-out set's diagnostics, on each training batch
+            self.log(f"train/{name}", value, prog_bar=name == "accuracy")
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
