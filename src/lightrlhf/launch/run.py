@@ -387,6 +387,9 @@ def optimized(settings: RunSettings, stage, metrics: dict[str, float]) -> tuple[
     if name is None:
         return None, None, "max"
     if name not in metrics:
+        if settings.optimized_metric is None:  # the stage's own metric, absent when validation is off
+            log.warning("no %s to report (validation did not run); the run returns no metric", name)
+            return None, None, "max"
         raise ConfigError("optimized_metric", f"{name!r} is not among the run's metrics ({', '.join(metrics)})")
     mode = "min" if any(word in name.split("/")[-1] for word in _LOWER_IS_BETTER) else "max"
     return name, metrics[name], mode

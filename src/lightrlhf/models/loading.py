@@ -64,7 +64,7 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None, key: str =
                         f"available from the hub ({reason})") from None
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -74,7 +74,7 @@ def _sha256_file(path: Path) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _cached_file_hash(path: str, size: int, mtime_ns: int) -> str:
-    return _sha256_file(Path(path))
+    return sha256_file(Path(path))
 
 
 def file_hash(path: Path) -> str:

@@ -1,0 +1,214 @@
+"""Summaries of the runs: medians over clean runs, ratios, MFU, and the markdown report.
+
+Ratios are of medians. Only ours vs the bare-PyTorch floor is taken within one session; ours vs trl
+uses the figures published in PEERS.md (another session, maybe another host), so it is indicative
+only -- the floor measured here next to the floor published there shows how far the machines differ.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+from lightrlhf.bench.workload import Config
+
+# PEERS.md, "Results" (2026-11-24, median of 3 clean runs) -- quoted, not re-measured here.
+PEER_DATE = "2026-11-24"
+
+
+@dataclass(frozen=True)
+class Published:
+    title: str
+    steps: str
+    rate: float
+    low: float
+    high: float
+    unit: str
+    s_per_step: float
+    secondary: str
+    rss_mb: float
+    wall_s: float
+
+
+PUBLISHED = {
+    "sft": Published("trl SFT (1.16.0)", "150", 5142, 5015, 5194, "tokens/s", 0.398,
+                     "2,571 loss-tokens/s; 40.2 seq/s", 961, 65.8),
+    "floor": Published("bare PyTorch SFT (floor)", "150", 6916, 6886, 7069, "tokens/s", 0.296, "", 852, 50.7),
+    "rm": Published("trl reward model (1.16.0)", "150", 28.5, 27.6, 30.0, "pairs/s", 0.561, "7,300 tokens/s",
+                    1130, 90.9),
+    "ppo": Published("trl PPO, 4 PPO epochs (1.12.0)", "25 rollouts", 4.03, 3.80, 4.12, "episodes/s", 3.97,
+                     "258 generated tok/s", 1239, 104.8),
+    "ppo1": Published("trl PPO, 1 PPO epoch (1.12.0)", "25 rollouts", 6.98, 6.73, 7.05, "episodes/s", 2.29,
+                      "447 generated tok/s", 1244, 64.8),
+}
+# MFU (PEERS.md): work actually done per token by LoRA SFT on this model, and the measured peak.
+FLOP_PER_TOKEN = 16.7e6
+PEAK_FLOPS = 180.7e9
+
+
+@dataclass(frozen=True)
+class Summary:
+    config: Config
+    rate: float
+    low: float
+    high: float
+    s_per_step: float
+    rss_mb: float
+    wall_s: float
+    clean: int
+    contaminated: int
+    threads: int | None
+    extra: dict[str, float]  # medians of other per-run figures (PPO: rollout_s, update_s)
+
+
+def summarise(config: Config, records: list[dict[str, Any]]) -> Summary | None:
+    clean = [r for r in records if r["ok"] and not r["contaminated"]]
+    if not clean:
+        return None
+    rates = [r["result"]["rate"] for r in clean]
+    med = statistics.median
+    extra = {k: med([r["result"][k] for r in clean if k in r["result"]])
+             for k in ("rollout_s", "update_s") if any(k in r["result"] for r in clean)}
+    return Summary(config, med(rates), min(rates), max(rates), config.units_per_step / med(rates),
+                   med([r["max_rss_mb"] for r in clean]), med([r["wall_s"] for r in clean]), len(clean),
+                   sum(1 for r in records if r["contaminated"]), clean[0]["result"].get("torch_threads"), extra)
+
+
+def _n(value: float) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
+
+
+def _secondary(s: Summary) -> str:
+    return "; ".join(f"{_n(s.rate * units / s.config.units_per_step)} {label}"
+                     for label, units in s.config.secondary.items())
+
+
+def mfu(tokens_per_s: float) -> float:
+    return tokens_per_s * FLOP_PER_TOKEN / PEAK_FLOPS
+
+
+def markdown(summaries: dict[str, Summary], runs: int, when: str, environment: dict[str, Any]) -> str:
+    lines = [f"# lightrlhf benchmark ({when})", "",
+             f"Workload: PEERS.md (tiny Llama, 4.19M params; LoRA r=16 on q/k/v/o; fp32; 128-token sequences). "
+             f"Median of {runs} clean runs per configuration [min–max]; steady state, first 3 steps dropped. "
+             f"torch {environment['torch']}, {environment['threads']} intra-op threads, {environment['cpu']}; "
+             f"lightrlhf at {environment['commit']}.", "",
+             "| configuration | steps | throughput (median [min–max]) | s/step | secondary rates | peak RSS | wall |"
+             " clean runs |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in summaries.values():
+        steps = f"{s.config.steps}" + (f" {s.config.step_word}" if s.config.step_word != "steps" else "")
+        flagged = f" (+{s.contaminated} contaminated)" if s.contaminated else ""
+        lines.append(f"| {s.config.title} | {steps} | "
+                     f"**{_n(s.rate)} {s.config.unit}** [{_n(s.low)}–{_n(s.high)}] | {s.s_per_step:.3f} | "
+                     f"{_secondary(s)} | {s.rss_mb:,.0f} MB | {s.wall_s:.1f} s | {s.clean}{flagged} |")
+    for name, p in PUBLISHED.items():
+        lines.append(f"| *{p.title}: PEERS.md, {PEER_DATE}, not re-measured here* | {p.steps} | "
+                     f"{_n(p.rate)} {p.unit} [{_n(p.low)}–{_n(p.high)}] | {p.s_per_step:.3f} | {p.secondary} | "
+                     f"{p.rss_mb:,.0f} MB | {p.wall_s:.1f} s | 3 |")
+    lines += ["", "## Ratios", ""]
+    sft, floor = summaries.get("sft"), summaries.get("floor")
+    if sft and floor:
+        lines.append(f"- **SFT vs the bare-PyTorch floor, same session: {sft.rate / floor.rate:.2f}x** the floor's "
+                     f"throughput ({sft.s_per_step:.3f} vs {floor.s_per_step:.3f} s/step).")
+    if floor:
+        lines.append(f"- Machine drift: the floor measured here runs at {floor.rate / PUBLISHED['floor'].rate:.2f}x "
+                     f"its PEERS.md figure ({_n(floor.rate)} vs {_n(PUBLISHED['floor'].rate)} tokens/s).")
+    cross = [f"{s.config.title} {s.rate / PUBLISHED[name].rate:.2f}x {PUBLISHED[name].title}"
+             for name, s in summaries.items() if s.config.ours and name in PUBLISHED]
+    if cross:
+        lines.append("- Cross-session, indicative only (ours here / trl as published in PEERS.md): "
+                     + "; ".join(cross) + ".")
+        if floor:
+            lines.append("  Scaled by the floor's drift (ours / floor here x floor / trl there): " + "; ".join(
+                f"{s.config.title} {s.rate / floor.rate * PUBLISHED['floor'].rate / PUBLISHED[name].rate:.2f}x"
+                for name, s in summaries.items() if s.config.ours and name in PUBLISHED) + ".")
+    for name in ("ppo", "ppo1"):
+        if name in summaries:
+            s, p = summaries[name], PUBLISHED[name]
+            lines.append(f"- Peak RSS, {s.config.title}: {s.rss_mb:,.0f} MB at {_n(s.rate)} episodes/s "
+                         f"(trl: {p.rss_mb:,.0f} MB at {_n(p.rate)} episodes/s, PEERS.md).")
+    if "ppo" in summaries and "ppo1" in summaries:
+        four, one = summaries["ppo"], summaries["ppo1"]
+        epoch = (four.s_per_step - one.s_per_step) / 3
+        lines.append(f"- PPO, derived as in PEERS.md from the 4- and 1-epoch runs: about {epoch:.2f} s per PPO "
+                     f"epoch and {one.s_per_step - epoch:.2f} s of rollout (64-token sampling for 16 prompts + "
+                     f"scoring) per iteration (trl, same derivation on its machine: 0.56 s and 1.7 s).")
+    for name in ("ppo", "ppo1"):
+        s = summaries.get(name)
+        if s and {"rollout_s", "update_s"} <= set(s.extra):
+            lines.append(f"- {s.config.title}, as the stage logs it (`time/rollout_s`, `time/update_s`): "
+                         f"{s.extra['rollout_s']:.2f} s rollout + {s.extra['update_s']:.2f} s update per iteration.")
+    if sft or floor:
+        lines += ["", "## MFU (SFT)", "",
+                  f"Assumption (PEERS.md): {FLOP_PER_TOKEN / 1e6:.1f} MFLOP per token for LoRA training of this model "
+                  f"(frozen base: no weight gradients), peak {PEAK_FLOPS / 1e9:.1f} GFLOP/s (fp32 2048² matmul, "
+                  "2 threads, measured on the PEERS.md machine, not here).", ""]
+        for s in (sft, floor):
+            if s:
+                lines.append(f"- {s.config.title}: {s.rate * FLOP_PER_TOKEN / 1e9:.1f} GFLOP/s = "
+                             f"**{mfu(s.rate):.0%}** of peak")
+        lines.append(f"- trl SFT (PEERS.md): {mfu(PUBLISHED['sft'].rate):.0%}; floor (PEERS.md): "
+                     f"{mfu(PUBLISHED['floor'].rate):.0%}")
+    return "\n".join(lines) + "\n"
+
+
+DIFFERENCES = """## Settings and known differences from the peers
+
+- Held equal: LoRA r=16, alpha 32, dropout 0 on q/k/v/o; fp32; no gradient checkpointing; AdamW at a
+  constant learning rate (2e-4 SFT/RM, 1e-5 PPO), no warmup; batch 16; logging every step; completion-only
+  SFT loss; PPO with 16 prompts, 64 sampled tokens, temperature 1, 1 minibatch, kl coef 0.05.
+- Off in ours during the timed loop: validation and held-out sampling (`trainer.val_check_interval`
+  past the budget, `stage.eval.at_start=false`), checkpoints (`callbacks.checkpoint=null`), export
+  (`export.enabled=false`) and the progress bar.
+- Value function: ours is a LoRA adapter + scalar head on the shared frozen base, initialised from the
+  reward model; trl's PPO trains a separate, fully trainable copy of `tiny-llama-rm` (3.68M params).
+- Policy, reference, value and reward share one base model in ours (adapters switched by name);
+  trl holds the policy (with adapters off as the reference) plus two separate sequence classifiers.
+- Rollouts: ours samples with its own KV-cache loop (`lightrlhf.models.generation.sample`), trl
+  calls Hugging Face `generate()`. Both sample exactly 64 tokens (`ignore_eos` / `stop_token=None`).
+- Reward model: ours is `tiny-llama` + an identity LoRA + the score weight of `tiny-llama-rm`
+  (scores checked equal to the peer model's); the RM stage trains `tiny-llama` + LoRA + a fresh head,
+  trl trains `tiny-llama-rm` + LoRA + its head. Neither computes the LM head's vocabulary logits.
+- Data: one example of each file is held out (`data.val_fraction=0`, the least lightrlhf allows),
+  so the training set has 2047 rows (SFT, RM) and 511 prompts (PPO); trl trains on all of them.
+  After training, lightrlhf validates once on that one example (counted in wall time, not in throughput).
+- PPO: `reward.normalize.init_rollouts=1` (one batch of the initial policy's rollouts fixes the
+  reward normaliser) runs before the first timed batch; trl does not normalise scores.
+- Gradient clipping at norm 1.0 in ours and in trl (its default); the floor does not clip.
+- Start-up: wall time includes imports, Hydra composition, model load and tokenization for ours,
+  imports, model load and dataset processing for the peers.
+"""
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            cpu = f"{names[0]} x{len(names)}"
+    except OSError:
+        pass
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
+            "python": platform.python_version(), "commit": git_commit()}
+
+
+def git_commit() -> str:
+    """The checkout's commit, marked `+changes` when tracked files differ from it."""
+    import subprocess
+
+    from lightrlhf.bench.workload import ROOT
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + (" +changes" if git("status", "--porcelain", "--untracked-files=no") else "")
