@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
+from conftest import FIXTURES, run_in_process
 
 from lightrlhf.data.modules import collate_sft
 from lightrlhf.data.tokenize import SFTFeatures, TruncationReport, encode_sft
@@ -55,13 +59,6 @@ def test_over_long_prompt_is_cut_from_the_left_and_counted(tiny_tokenizer):
     assert features.prompt_length == 8
     assert tiny_tokenizer.decode(features.input_ids[:8]).endswith("river rain :")
     assert report.counts["prompt_truncated"] == 1
-
-
-import json  # noqa: E402
-
-import pytest  # noqa: E402
-
-from conftest import FIXTURES, run_in_process  # noqa: E402
 
 
 @pytest.mark.parametrize("name,fmt", [("sft_prompt_completion.jsonl", "prompt_completion"),
