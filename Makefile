@@ -4,8 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Installing is redone only when pyproject.toml changes.
 STAMP := $(VENV)/.installed-stamp
-# Small models on few cores: one intra-op thread per process avoids OpenMP oversubscription
-# between the test workers and the data loader (see README, "Threads").
+# Progress and log lines reach the terminal (and CI's log) as they happen, not in blocks.
 export PYTHONUNBUFFERED := 1
 
 .PHONY: demo test test-fast bench install clean
