@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -112,18 +115,51 @@ def test_ensure_writable_dir_creates_the_directory_and_leaves_no_probe(tmp_path)
     assert ensure_writable_dir(str(path), "output directory") == path  # an existing directory is fine
 
 
+def _as_unprivileged_user(fn) -> str:
+    """Run `fn` in a forked child that has dropped root to `nobody`; return what it returned (or raised)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        os.close(read)
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                result = f"returned {fn()}"
+            except UserError as error:
+                result = f"UserError: {error}"
+        except BaseException as error:  # report anything, so that the parent can fail with it
+            result = f"{type(error).__name__}: {error}"
+        os.write(write, result.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        result = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return result
+
+
 def test_ensure_writable_dir_read_only_directory(tmp_path):
-    path = tmp_path / "locked"
+    # root writes through a read-only mode; as root, the check runs in a child that dropped to `nobody`,
+    # under a parent directory that `nobody` may enter
+    parent = Path(tempfile.mkdtemp(prefix="lightrlhf-readonly-"))
+    parent.chmod(0o755)
+    path = parent / "locked"
     path.mkdir()
-    path.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    path.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
     try:
+        expected = f"{path}: cannot write the checkpoint directory there (Permission denied)"
         if os.access(path, os.W_OK):
-            pytest.skip("running as root: a read-only mode does not stop writes (see the test below)")
-        with pytest.raises(UserError) as info:
-            ensure_writable_dir(path, "checkpoint directory")
-        assert str(info.value) == f"{path}: cannot write the checkpoint directory there (Permission denied)"
+            assert _as_unprivileged_user(lambda: ensure_writable_dir(path, "checkpoint directory")) == \
+                f"UserError: {expected}"
+        else:
+            with pytest.raises(UserError) as info:
+                ensure_writable_dir(path, "checkpoint directory")
+            assert str(info.value) == expected
+        assert os.listdir(path) == []
     finally:
         path.chmod(stat.S_IRWXU)
+        shutil.rmtree(parent)
 
 
 def test_ensure_writable_dir_path_under_a_file(tmp_path):
