@@ -57,20 +57,22 @@ def test_pipeline_killed_in_the_middle_resumes_the_interrupted_step_only(tmp_pat
     assert json.loads((run_dir / "ppo" / "metrics.json").read_text())["status"] == "completed"
 
 
-@pytest.mark.parametrize("after_seconds", [7.0, 9.0, 11.0])
+@pytest.mark.parametrize("after_seconds", [1.5, 3.5, 5.5])
 def test_sigkill_at_any_moment_then_resume_continues_the_curves_once(tmp_path, after_seconds):
-    """Killed at a wall-clock moment (not at a hook): in a write, a step, a validation, anywhere."""
+    """Killed at a wall-clock moment after the run started (not at a hook): in a write, a step, a validation."""
     run_dir = tmp_path / "run"
     args = ["stage=sft", "trainer.max_steps=120", "callbacks.checkpoint.every_n_steps=7",
-            "trainer.val_check_interval=30", "stage.eval.num_prompts=32", f"hydra.run.dir={run_dir}"]
+            "trainer.val_check_interval=30", "trainer.log_every_n_steps=1", "stage.eval.num_prompts=32",
+            f"hydra.run.dir={run_dir}"]
     process = subprocess.Popen([sys.executable, str(ROOT / "train.py")] + args, cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**__import__("os").environ,
                                                                                          "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not (run_dir / "run.json").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     time.sleep(after_seconds)
     process.send_signal(signal.SIGKILL)
-    process.wait()
-    if not (run_dir / "run.json").exists():
-        pytest.skip("killed before the run started (machine too slow for this moment)")
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
     resumed = train_cli([f"resume={run_dir}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     record = json.loads((run_dir / "metrics.json").read_text())
@@ -78,7 +80,7 @@ def test_sigkill_at_any_moment_then_resume_continues_the_curves_once(tmp_path, a
     events = EventAccumulator(str(run_dir / "tb"))
     events.Reload()
     steps = [e.step for e in events.Scalars("train/loss")]
-    assert steps == sorted(set(steps)), steps  # continued, and no step twice
+    assert steps == list(range(120)), steps  # continued: every step once, none twice, none missing
 
 
 def test_grid_sweep_reports_a_failed_run_without_stopping_the_others(tmp_path):

@@ -32,8 +32,8 @@ def install(fault: str) -> None:
 
         original = PeriodicCheckpoint.save
 
-        def save(self, trainer):
-            path = original(self, trainer)
+        def save(self, trainer, *args, **kwargs):
+            path = original(self, trainer, *args, **kwargs)
             count["n"] += 1
             if count["n"] == int(arg):
                 os.kill(os.getpid(), signal.SIGKILL)

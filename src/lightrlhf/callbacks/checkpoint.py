@@ -13,6 +13,12 @@ that checkpoints load with `torch.load(weights_only=True)`.
 `AtomicCheckpointIO` writes through `lightrlhf.io.atomic_write` (temp file, fsync, rename): a crash
 or a SIGKILL while writing leaves the previous checkpoint untouched.
 
+Curves: a checkpoint is written in `on_train_batch_end`, before Lightning hands that batch's
+metrics to the loggers, so a run killed right after it would lose that one point. The checkpoint
+therefore carries those metrics and their logging step; the resumed run hides every event from that
+step on (`purge_step`, see `logging_step_of`), writes the carried point again and continues: each
+step appears once, none is missing.
+
 Interruptions: Ctrl-C (SIGINT) and SIGTERM (what a cluster scheduler sends before it kills a job)
 are caught while training; at the end of the current batch -- a consistent state, never halfway
 through an optimizer step -- a checkpoint is written and training stops. `run()` then exits with
@@ -97,6 +103,7 @@ class PeriodicCheckpoint(Callback):
         self.dirpath, self.every_n_steps, self.keep_last = Path(dirpath), every_n_steps, keep_last
         self.save_on_train_end, self.save_on_signal = save_on_train_end, save_on_signal
         self._last_saved_step = -1
+        self._carried_logs: dict[str, Any] | None = None
         self.received_signal: int | None = None
         self.interrupted_at: Path | None = None
         self._previous_handlers: dict[int, Any] = {}
@@ -107,6 +114,10 @@ class PeriodicCheckpoint(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_saved_step = trainer.global_step  # a resumed run does not re-save its start
+        if self._carried_logs and self._carried_logs["metrics"]:
+            for logger in trainer.loggers:
+                logger.log_metrics(self._carried_logs["metrics"], step=self._carried_logs["step"])
+        self._carried_logs = None
         if self.save_on_signal:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
@@ -134,7 +145,7 @@ class PeriodicCheckpoint(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_handlers()
         if self.save_on_train_end and trainer.global_step != self._last_saved_step:
-            self.save(trainer)
+            self.save(trainer, batch_end=False)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
@@ -148,11 +159,15 @@ class PeriodicCheckpoint(Callback):
         return RunInterrupted(f"interrupted by {name}: {saved}; continue with: python train.py resume={run_dir}",
                               128 + self.received_signal)
 
-    def save(self, trainer: L.Trainer) -> Path:
+    def save(self, trainer: L.Trainer, batch_end: bool = True) -> Path:
         check_finite_weights(trainer)
         path = self.dirpath / f"step-{trainer.global_step:08d}.ckpt"
         self._last_saved_step = trainer.global_step
-        trainer.save_checkpoint(path, weights_only=False)  # full state: optimizer, loops, RNG
+        self._carried_logs = unlogged_batch_metrics(trainer) if batch_end else None
+        try:
+            trainer.save_checkpoint(path, weights_only=False)  # full state: optimizer, loops, RNG
+        finally:
+            self._carried_logs = None
         if trainer.is_global_zero:
             for old in checkpoint_files(self.dirpath)[:-self.keep_last]:
                 old.unlink(missing_ok=True)
@@ -160,10 +175,39 @@ class PeriodicCheckpoint(Callback):
         return path
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": rng_state(), "last_saved_step": self._last_saved_step}
+        state = {"rng": rng_state(), "last_saved_step": self._last_saved_step}
+        if self._carried_logs is not None:
+            state["carried_logs"] = self._carried_logs
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         set_rng_state(state_dict["rng"])
+        self._carried_logs = state_dict.get("carried_logs")
+
+
+def unlogged_batch_metrics(trainer: L.Trainer) -> dict[str, Any]:
+    """This batch's step metrics and their logging step, which Lightning sends to the loggers only
+    after `on_train_batch_end` (`_logger_connector.update_train_step_metrics`); empty when this batch
+    logs nothing (accumulating, or between `log_every_n_steps`)."""
+    connector = trainer._logger_connector
+    step = trainer.fit_loop.epoch_loop._batches_that_stepped
+    accumulating = trainer.fit_loop._should_accumulate() and trainer.lightning_module.automatic_optimization
+    if accumulating or not connector.should_update_logs:
+        return {"step": step, "metrics": {}}
+    metrics = {k: float(v) for k, v in connector.metrics["log"].items() if not torch.is_tensor(v) or v.numel() == 1}
+    return {"step": step, "metrics": metrics}
+
+
+def logging_step_of(checkpoint: dict[str, Any]) -> int:
+    """The first logging step a run resumed from `checkpoint` writes: events at or after it from the
+    killed run are hidden. A checkpoint from `on_train_batch_end` carries its batch's point (written
+    again on resume) at the loop's `_batches_that_stepped`; one from the end of training comes after
+    its last point, and Lightning continues at the same counter."""
+    carried = (checkpoint.get("callbacks") or {}).get("PeriodicCheckpoint", {}).get("carried_logs")
+    if carried is not None:
+        return int(carried["step"])
+    loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+    return int(loop.get("_batches_that_stepped", checkpoint.get("global_step", 0)))
 
 
 def check_finite_weights(trainer: L.Trainer) -> None:

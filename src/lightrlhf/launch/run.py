@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lightrlhf.callbacks.checkpoint import AtomicCheckpointIO, checkpoint_files, latest_checkpoint
+from lightrlhf.callbacks.checkpoint import AtomicCheckpointIO, checkpoint_files, latest_checkpoint, logging_step_of
 from lightrlhf.errors import ConfigError, UserError
 from lightrlhf.io import atomic_write_text, ensure_writable_dir
 from lightrlhf.launch.build import build
@@ -337,18 +337,11 @@ def build_trainer(plain: dict[str, Any], ckpt_path: Path | None):
         if ckpt_path is not None and str(node.get("_target_", "")).endswith("TensorBoardLogger"):
             # detail: events written after the checkpoint by the killed run are hidden, so the
             # resumed curve continues without a second copy of those steps.
-            extra["purge_step"] = _step_of(ckpt_path) + 1
+            extra["purge_step"] = logging_step_of(torch.load(ckpt_path, map_location="cpu", weights_only=True))
         loggers.append(build(node, f"logger.{name}", **extra))
     trainer_node = dict(plain["trainer"])
     plugins = list(trainer_node.pop("plugins", None) or []) + [AtomicCheckpointIO()]
     return build(trainer_node, "trainer", callbacks=callbacks, logger=loggers or False, plugins=plugins)
-
-
-def _step_of(ckpt_path: Path) -> int:
-    name = ckpt_path.name
-    if name.startswith("step-"):
-        return int(name[len("step-"):].split(".")[0])
-    return int(torch.load(ckpt_path, map_location="cpu", weights_only=True).get("global_step", 0))
 
 
 def collect_metrics(trainer, stage) -> dict[str, float]:
