@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightrlhf.errors import UserError
 from lightrlhf.models.actor_critic import PolicySpec, ValueSpec, load_actor_critic
-from lightrlhf.rewards import Component, RewardSpec, length_words
+from lightrlhf.rewards import Component, NormalizeSpec, RewardSpec, length_words
 
 FAST_EVAL = ["stage.eval.num_prompts=16", "stage.eval.batch_size=16", "reward.normalize.init_rollouts=1"]
 
@@ -175,6 +175,51 @@ def test_tripwires(actor_critic):
     # longer but *not* rewarded more is not length hacking
     assert stage.check_alerts({**hacked, "objective/scores": -0.1})["alerts/length_drift"] == 0.0
     assert stage.alerts_fired == {"length_drift": 1, "eos_collapse": 2, "kl_exceeded": 2}
+
+
+def test_a_reward_component_given_by_target_in_the_config_is_built_and_weighted(tmp_path):
+    from conftest import compose
+
+    from lightrlhf.launch.build import build
+    from lightrlhf.launch.run import to_plain
+
+    component = ("+reward.components.brevity={_target_: lightrlhf.rewards.Component, weight: -0.05, "
+                 "fn: {_target_: lightrlhf.rewards.length_words, _partial_: true}}")
+    cfg = compose(["stage=ppo", "data=demo_prompts", "reward.path=some/rm", component], tmp_path)
+    spec = build(to_plain(cfg)["reward"], "reward")
+    brevity = spec.components["brevity"]
+    assert brevity.weight == -0.05 and brevity.fn(["explain river rain :"], ["the river .", "a b c d"]) == [3.0, 4.0]
+
+
+def test_alerts_stop_switch_ends_the_run_cleanly(actor_critic):
+    from types import SimpleNamespace
+
+    from lightrlhf.stages.ppo_config import AlertSpec
+
+    stage = _stage(actor_critic, alerts=AlertSpec(kl_multiple=2.0, stop=True))
+    stage.baseline = {"score_mean": 0.0, "score_std": 1.0, "length_mean": 10.0, "frac_ended_with_eos": 0.9}
+    trainer = SimpleNamespace(should_stop=False)
+    stage._trainer = trainer
+    calm = {"reward/length_mean": 10.0, "objective/scores": 0.5, "reward/frac_ended_with_eos": 0.9, "objective/kl": 1.0}
+    stage.check_alerts(calm)
+    assert trainer.should_stop is False
+    stage.check_alerts({**calm, "objective/kl": 9.0})  # 9 > 2 x kl.target (4)
+    assert trainer.should_stop is True
+
+
+def test_shaped_score_is_normalised_penalised_for_missing_eos_then_clipped(actor_critic):
+    """shaped = clip((score - mean) / std - penalty * [no EOS], -clip, clip), the statistics being the SFT
+    policy's scores (here set by hand: mean 2, std 2)."""
+    spec = RewardSpec(path="unused", clip=1.5, missing_eos_penalty=1.0)
+    stage = _stage(actor_critic, reward=spec)
+    stage.normalizer.update(torch.tensor([0.0, 4.0]))  # mean 2, population std 2
+    scores = torch.tensor([2.0, 4.0, 4.0, 10.0, -6.0])
+    ended = torch.tensor([True, True, False, True, True])
+    shaped = stage.shape_scores(scores, ended)
+    torch.testing.assert_close(shaped, torch.tensor([0.0, 1.0, 0.0, 1.5, -1.5]), atol=1e-6, rtol=0)
+    raw = _stage(actor_critic, reward=RewardSpec(path="unused", clip=None, missing_eos_penalty=0.5,
+                                                   normalize=NormalizeSpec(enabled=False)))
+    torch.testing.assert_close(raw.shape_scores(scores, ended), torch.tensor([2.0, 4.0, 3.5, 10.0, -6.0]))
 
 
 @pytest.mark.slow
