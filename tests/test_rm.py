@@ -6,10 +6,12 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, run_in_process, train_cli
+from conftest import FIXTURES, compose, run_in_process, train_cli
+from safetensors.torch import load_file
 
 from lightrlhf.data.modules import collate_pairs
 from lightrlhf.data.tokenize import PairFeatures, TruncationReport, encode_pair
@@ -134,12 +136,27 @@ def test_rm_learns_the_demo_task_and_its_export_scores_identically_in_a_fresh_pr
     fresh = json.loads(done.stdout.strip().splitlines()[-1])
     here = RewardModel.from_pretrained(run_dir / "export").score(prompts, responses).tolist()
     assert fresh == pytest.approx(here, abs=1e-6)
-    # the export scores what the trained model scored: compare with the checkpointed weights
-    import lightrlhf.stages.rm  # noqa: F401
+    # the export scores what the trained model scored: its rewards on the held-out pairs reproduce the
+    # statistics the stage logged at the last validation (same weights, adapter *and* head)
+    pairs = [json.loads(line) for line in Path(_validation_file(tmp_path)).read_text().splitlines()]
+    exported = RewardModel.from_pretrained(run_dir / "export")
+    chosen = exported.score([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
+    rejected = exported.score([p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
+    assert len(pairs) == 512
+    assert chosen.mean().item() == pytest.approx(metrics["val/chosen_mean"], abs=1e-4)
+    assert rejected.std().item() == pytest.approx(metrics["val/rejected_std"], abs=1e-3)
+    assert (chosen > rejected).float().mean().item() == pytest.approx(metrics["val/accuracy"], abs=1e-6)
     ckpt = torch.load(sorted((run_dir / "checkpoints").glob("step-*.ckpt"))[-1], weights_only=True)["state_dict"]
-    trained = RewardModel.from_pretrained(run_dir / "export")
     head = {k[len("model.head."):]: v for k, v in ckpt.items() if k.startswith("model.head.")}
-    assert all(torch.equal(trained.head.state_dict()[k], v) for k, v in head.items())
+    assert head and all(torch.equal(exported.head.state_dict()[k], v) for k, v in head.items())
+
+
+def _validation_file(tmp_path) -> str:
+    from lightrlhf.launch.build import build
+    from lightrlhf.launch.run import to_plain
+
+    return str(build(to_plain(compose(["stage=rm", "data=demo_pref"], tmp_path / "cfg"))["data"]["validation_path"],
+                     "data.validation_path"))
 
 
 def test_loading_an_sft_export_as_a_reward_model_is_refused(tmp_path):
@@ -167,3 +184,9 @@ def test_rm_resume_continues_in_place(tmp_path):
     assert json.loads((run_dir / "run.json").read_text())["launches"] == 2
     for name in ("train/accuracy", "train/ece", "train/chosen_std", "train/length_correlation"):
         assert name in record["metrics"]
+    # the same weights as a run that was never stopped
+    straight = tmp_path / "straight"
+    run_in_process(common + ["trainer.max_steps=10"], straight)
+    for name in ("adapter_model.safetensors", "score_head.safetensors"):
+        a, b = load_file(run_dir / "export" / name), load_file(straight / "export" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
