@@ -67,11 +67,32 @@ def test_nan_reward_in_ppo_names_the_quantity(tmp_path, exports):
     assert _checkpoints(run_dir) == ["step-00000008.ckpt"]
 
 
-@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_sigterm_and_sigint_save_a_checkpoint_and_say_how_to_resume(tmp_path, signum, code):
-    run_dir = tmp_path / "run"
-    args = ["stage=sft", "trainer.max_steps=100000", "callbacks.checkpoint.every_n_steps=100000",
-            "trainer.val_check_interval=100000", "stage.eval.at_start=false", f"hydra.run.dir={run_dir}"]
+def test_nan_advantage_in_ppo_names_the_quantity(tmp_path, exports):
+    run_dir = tmp_path / "ppo"
+    done = train_with_fault("nan_advantage_at_rollout:2", [
+        "stage=ppo", "data=demo_prompts", f"policy.init={exports / 'sft' / 'export'}",
+        f"reward.path={exports / 'rm' / 'export'}", "stage.datamodule.batch_size=8", "stage.rollouts=4",
+        "stage.eval.num_prompts=8", "reward.normalize.init_rollouts=1", "callbacks.checkpoint.every_n_steps=8",
+        f"hydra.run.dir={run_dir}"])
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert done.stderr.splitlines()[-1].startswith("error: ppo stage, step 8: advantages is nan; stopped before")
+    assert _checkpoints(run_dir) == ["step-00000008.ckpt"]
+
+
+def test_nan_gradient_in_the_reward_model_stops_before_the_step(tmp_path):
+    run_dir = tmp_path / "rm"
+    done = train_with_fault("nan_gradient_at_step:7", [
+        "stage=rm", "data=demo_pref", "trainer.max_steps=20", "callbacks.checkpoint.every_n_steps=5",
+        "trainer.val_check_interval=20", f"hydra.run.dir={run_dir}"])
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert done.stderr.splitlines()[-1].startswith("error: rm stage, step 6: gradient_norm is nan; stopped before")
+    assert _checkpoints(run_dir) == ["step-00000005.ckpt"]
+    state = torch.load(run_dir / "checkpoints" / "step-00000005.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(t).all() for t in state.values())
+    assert not (run_dir / "export").exists()
+
+
+def _interrupt_and_resume(run_dir, args, signum, code, more_steps):
     process = subprocess.Popen([sys.executable, str(ROOT / "train.py")] + args, cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
@@ -86,10 +107,29 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_say_how_to_resume(tmp_path, si
     name = signal.Signals(signum).name
     assert stderr.splitlines()[-1] == (f"interrupted by {name}: saved {run_dir / 'checkpoints' / checkpoints[0]}; "
                                        f"continue with: python train.py resume={run_dir}")
-    step = int(checkpoints[0][5:13])
-    resumed = train_cli([f"resume={run_dir}", f"trainer.max_steps={step + 5}"])
+    resumed = train_cli([f"resume={run_dir}", more_steps(int(checkpoints[0][5:13]))])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == step + 5
+    return int(checkpoints[0][5:13]), json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_sigint_save_a_checkpoint_and_say_how_to_resume(tmp_path, signum, code):
+    run_dir = tmp_path / "run"
+    args = ["stage=sft", "trainer.max_steps=100000", "callbacks.checkpoint.every_n_steps=100000",
+            "trainer.val_check_interval=100000", "stage.eval.at_start=false", f"hydra.run.dir={run_dir}"]
+    step, record = _interrupt_and_resume(run_dir, args, signum, code, lambda step: f"trainer.max_steps={step + 5}")
+    assert record["global_step"] == step + 5
+
+
+def test_sigterm_during_ppo_saves_the_rollout_state_and_resumes(tmp_path, exports):
+    run_dir = tmp_path / "ppo"
+    args = ["stage=ppo", "data=demo_prompts", f"policy.init={exports / 'sft' / 'export'}",
+            f"reward.path={exports / 'rm' / 'export'}", "stage.datamodule.batch_size=8", "stage.rollouts=100000",
+            "stage.eval.at_start=false", "reward.normalize.init_rollouts=1", "callbacks.checkpoint.every_n_steps=100000",
+            "trainer.val_check_interval=100000", f"hydra.run.dir={run_dir}"]
+    step, record = _interrupt_and_resume(run_dir, args, signal.SIGTERM, 143,
+                                         lambda step: f"stage.rollouts={step // 8 + 2}")
+    assert record["status"] == "completed" and record["global_step"] == step + 2 * 8  # 8 optimizer steps a rollout
 
 
 def test_unwritable_output_directory_is_one_line(tmp_path):

@@ -59,3 +59,18 @@ def test_whole_sequence_loss_when_completion_only_is_off(tiny_spec):
     batch = {"attention_mask": torch.tensor([[1, 1, 1, 0]]), "completion_mask": torch.tensor([[0, 0, 1, 0]])}
     assert SFTStage(model=None, datamodule=None)._loss_mask(batch) is batch["completion_mask"]
     assert SFTStage(model=None, datamodule=None, completion_only_loss=False)._loss_mask(batch) is batch["attention_mask"]
+
+
+def test_skip_mode_stops_after_max_consecutive_skips_and_a_finite_batch_resets_the_run():
+    from lightrlhf.stages.numerics import NonFiniteGuard, NumericFault, NumericsSpec
+
+    guard = NonFiniteGuard(NumericsSpec(on_nonfinite="skip", max_consecutive_skips=2), "rm")
+    nan, fine = torch.tensor(float("nan")), torch.tensor(1.0)
+    assert guard.check(1, loss=nan) is False and guard.check(2, loss=nan) is False
+    assert guard.check(3, loss=fine) is True  # the run of skips is broken
+    assert guard.check(4, loss=fine, gradient_norm=torch.tensor(float("inf"))) is False
+    assert guard.check(5, loss=nan) is False
+    with pytest.raises(NumericFault, match=r"^rm stage, step 6: loss is nan; 3 batches in a row were not finite "
+                                           r"\(numerics.max_consecutive_skips=2\): stopping$"):
+        guard.check(6, loss=nan)
+    assert guard.skipped_total == 5

@@ -7,6 +7,8 @@ Faults (the test decides which, through argv[1]):
   kill_during_checkpoint:N  SIGKILL it halfway through writing the N-th checkpoint file
   nan_loss_at_step:N        the SFT loss of the N-th training batch (1-based) is NaN
   nan_score_at_rollout:N    the PPO scores of the N-th rollout are NaN
+  nan_advantage_at_rollout:N  one GAE advantage of the N-th PPO rollout is NaN
+  nan_gradient_at_step:N    one gradient entry of the N-th reward-model optimizer step is NaN
   enospc_on_checkpoint:N    the N-th checkpoint write fails with "No space left on device"
   enospc_on_export          writing the export fails with "No space left on device"
   none                      no fault
@@ -87,6 +89,33 @@ def install(fault: str) -> None:
             return roll
 
         PPOStage.rollout = rollout
+    elif name == "nan_advantage_at_rollout":
+        import lightrlhf.stages.ppo as ppo
+
+        original_gae = ppo.gae
+
+        def gae(*args, **kwargs):
+            advantages, returns = original_gae(*args, **kwargs)
+            count["n"] += 1
+            if count["n"] == int(arg):
+                advantages = advantages.clone()
+                advantages[0, 0] = float("nan")
+            return advantages, returns
+
+        ppo.gae = gae
+    elif name == "nan_gradient_at_step":
+        import lightrlhf.stages.rm as rm
+
+        original_guard = rm.guard_and_clip
+
+        def guard_and_clip(stage, optimizer, max_grad_norm):
+            count["n"] += 1
+            if count["n"] == int(arg):
+                param = next(p for group in optimizer.param_groups for p in group["params"] if p.grad is not None)
+                param.grad.view(-1)[0] = float("nan")
+            return original_guard(stage, optimizer, max_grad_norm)
+
+        rm.guard_and_clip = guard_and_clip
     elif name == "enospc_on_checkpoint":
         import lightrlhf.callbacks.checkpoint as ckpt_module
         import lightrlhf.io as lio

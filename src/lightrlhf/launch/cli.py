@@ -49,8 +49,36 @@ def exit_for_user_error(error: UserError) -> None:
     raise SystemExit(error.exit_code)
 
 
+def with_recorded_overrides(argv: list[str]) -> list[str]:
+    """`resume=<dir> stage.rollouts=400`: Hydra composes the config before `run` reads the run's record,
+    and a key of the resumed run's stage or model is unknown to the default ones. The recorded
+    overrides go first, so the first composition already has the run's config groups; the current ones
+    follow and win. A change of an identity group (stage, model, data) is left for `run` to refuse."""
+    import json
+    from pathlib import Path
+
+    from lightrlhf.launch.run import IDENTITY_GROUPS, RUN_RECORD, _override_key
+
+    given = argv[1:]
+    resume = [a.split("=", 1)[1] for a in given if a.startswith("resume=")]
+    if not resume or any(a in ("-m", "--multirun") for a in given):
+        return argv
+    record_file = Path(resume[-1]).expanduser() / RUN_RECORD
+    try:
+        record = json.loads(record_file.read_text())
+        recorded = {_override_key(o): str(o) for o in record.get("overrides", [])}
+        current = {_override_key(a): a for a in given if not a.startswith("-") and "=" in a}
+    except Exception:  # no record, an unreadable one, a bad override: `run` or Hydra reports it in one line
+        return argv
+    choices = record.get("choices", {})
+    if any(key in IDENTITY_GROUPS and text.split("=", 1)[1] != str(choices.get(key)) for key, text in current.items()):
+        return argv
+    return argv[:1] + [text for key, text in recorded.items() if key not in current] + given
+
+
 def cli(hydra_main: Callable[[], Any]) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    sys.argv = with_recorded_overrides(sys.argv)
     try:
         hydra_main()
     except UserError as error:
