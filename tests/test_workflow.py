@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -129,3 +130,18 @@ def test_two_trial_optuna_sweep_writes_its_summary(tmp_path):
     assert len(summary["runs"]) == 2 and summary["best"] is not None
     assert all(any(o.startswith("stage.optim.lr=") for o in r["overrides"]) for r in summary["runs"])
     assert (sweep / "optimization_results.yaml").is_file()  # Optuna's own record of the best parameters
+
+
+def test_ppo_optuna_search_runs_a_trial_over_its_space(tmp_path, exports):
+    sweep = tmp_path / "optuna"
+    done = train_cli(["-m", "hparams_search=ppo_optuna", "hydra.sweeper.n_trials=1",
+                      f"policy.init={exports / 'sft' / 'export'}", f"reward.path={exports / 'rm' / 'export'}",
+                      "stage.rollouts=2", "stage.datamodule.batch_size=8", "stage.eval.num_prompts=16",
+                      "stage.eval.batch_size=16", "reward.normalize.init_rollouts=1", "trainer.val_check_interval=2",
+                      f"hydra.sweep.dir={sweep}"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((sweep / "sweep_summary.json").read_text())
+    [trial] = summary["runs"]
+    assert trial["status"] == "completed" and trial["metric"] == "eval/reward" and math.isfinite(trial["value"])
+    searched = {o.split("=", 1)[0] for o in trial["overrides"]}
+    assert searched >= {"stage.optim.lr", "stage.kl.coef", "stage.ppo.clip_range", "stage.ppo.epochs"}
