@@ -100,15 +100,19 @@ def test_cluster_configs_compose(tmp_path):
     assert ddp["devices"] == 2 and ddp["strategy"]["_target_"].endswith("DDPStrategy")
 
 
-def test_slurm_launcher_composes():
+@pytest.mark.parametrize("launcher_name", ["slurm", "submitit_slurm"])
+def test_slurm_launcher_composes(launcher_name):
+    """`slurm` is the plugin's `submitit_slurm` with one-GPU-job defaults; the plain plugin config works too."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra_compose("train", overrides=["hydra/launcher=slurm", "stage=sft"], return_hydra_config=True)
+        cfg = hydra_compose("train", overrides=[f"hydra/launcher={launcher_name}", "stage=sft"],
+                            return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-    assert launcher.timeout_min == 240 and launcher.gpus_per_node == 1
+    if launcher_name == "slurm":
+        assert launcher.timeout_min == 240 and launcher.gpus_per_node == 1
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
