@@ -299,3 +299,29 @@ def test_a_length_biased_annotator_provokes_length_hacking_and_the_tripwire_fire
     assert ppo["eval/length_mean"] > 1.5 * ppo["eval/length_mean_initial"]
     assert ppo["eval/reward"] > ppo["eval/reward_initial"]
     assert ppo["eval/gold_score"] < ppo["eval/gold_score_initial"] + 0.5 * ppo["eval/gold_score_std_initial"]
+
+
+def test_dropout_stays_off_even_when_lightning_switches_to_train_mode(actor_critic):
+    """LoRA dropout on (p=0.5 in every adapter here), yet `.train()` -- what Lightning calls before each
+    training epoch -- leaves every module in eval mode: the first PPO epoch's ratio is exactly 1 and
+    values are reproducible."""
+    originals = {}
+    for name, module in actor_critic.named_modules():
+        if hasattr(module, "lora_dropout"):
+            for adapter in module.lora_dropout:
+                originals[(name, adapter)] = (module, module.lora_dropout[adapter])
+                module.lora_dropout[adapter] = torch.nn.Dropout(0.5)
+    try:
+        assert originals
+        actor_critic.train()
+        assert not any(m.training for m in actor_critic.modules())
+        ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
+        mask = torch.ones_like(ids)
+        torch.testing.assert_close(actor_critic.values(ids, mask), actor_critic.values(ids, mask), rtol=0, atol=0)
+        # and the check is not vacuous: in train mode the same dropout would change the values
+        torch.nn.Module.train(actor_critic, True)
+        assert not torch.equal(actor_critic.values(ids, mask), actor_critic.values(ids, mask))
+    finally:
+        for (_, adapter), (module, dropout) in originals.items():
+            module.lora_dropout[adapter] = dropout
+        actor_critic.train()

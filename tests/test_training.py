@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -60,6 +61,24 @@ def test_run_directory_layout(sft_run):
     manifest = json.loads((run_dir / "export" / "lightrlhf.json").read_text())
     assert manifest["stage"] == "sft" and manifest["kind"] == "causal_lm" and manifest["weights"] == "adapter"
     assert len(manifest["base"]["fingerprint"]) == 64 and "val/loss" in manifest["metrics"]
+
+
+def test_tensorboard_holds_the_sft_curves_perplexity_and_sample_tables(sft_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = sft_run
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"tensors": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "val/perplexity", "eval/gold_score", "eval/length_mean"} <= scalars
+    assert [e.step for e in events.Scalars("val/loss")] == [29, 59]
+    for loss, perplexity in zip(events.Scalars("val/loss"), events.Scalars("val/perplexity"), strict=True):
+        # perplexity = exp(token-mean NLL) over the same completion tokens
+        assert perplexity.value == pytest.approx(math.exp(loss.value), rel=1e-4)
+    texts = [tag for tag in events.Tags()["tensors"] if "samples" in tag]
+    assert texts, events.Tags()["tensors"]
+    table = events.Tensors(texts[0])[-1].tensor_proto.string_val[0].decode()
+    assert "gold" in table and "|" in table  # a markdown table of prompt, completion, gold score
 
 
 def test_checkpoint_holds_the_adapter_and_not_the_base(sft_run):
