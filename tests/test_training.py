@@ -136,3 +136,21 @@ def test_full_fine_tune_trains_every_weight(tmp_path):
     base = load_file(ROOT / "src/lightrlhf/demo/assets/tiny/model.safetensors")
     tuned = load_file(run_dir / "export" / "model.safetensors")
     assert all(not torch.equal(base[k], tuned[k]) for k in base if k.endswith("q_proj.weight"))
+
+
+def test_safetensors_are_read_when_a_directory_also_holds_a_pickle(tiny_spec, tmp_path):
+    """A directory with both formats loads model.safetensors; the pickled file (here: different, zeroed
+    weights) is never unpickled."""
+    import dataclasses
+    import shutil
+
+    from lightrlhf.models.loading import load_base_model
+
+    directory = tmp_path / "both"
+    shutil.copytree(tiny_spec.name_or_path, directory)
+    reference = load_file(directory / "model.safetensors")
+    torch.save({k: torch.zeros_like(v) for k, v in reference.items()}, directory / "pytorch_model.bin")
+    model, _ = load_base_model(dataclasses.replace(tiny_spec, name_or_path=str(directory)))
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in reference.items() if k in loaded)
+    assert set(reference) <= set(loaded) and any(v.abs().sum() > 0 for v in reference.values())
