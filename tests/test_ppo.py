@@ -242,11 +242,13 @@ def test_ppo_run_checkpoint_holds_adapters_and_stage_state_not_the_base(exports,
 
 
 @pytest.mark.slow
-def test_ppo_killed_and_resumed_equals_uninterrupted(exports, tmp_path):
+@pytest.mark.parametrize("fault", ["kill_after_checkpoint:2", "kill_during_checkpoint:3"])
+def test_ppo_killed_and_resumed_equals_uninterrupted(exports, tmp_path, fault):
+    """SIGKILL right after a checkpoint, or halfway through writing one (the torn file is ignored)."""
     args = ppo_args(exports, "stage.rollouts=4", "trainer.val_check_interval=2", "callbacks.checkpoint.every_n_steps=8")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert train_cli(args + [f"hydra.run.dir={straight}"]).returncode == 0
-    done = train_with_fault("kill_after_checkpoint:2", args + [f"hydra.run.dir={killed}"])
+    done = train_with_fault(fault, args + [f"hydra.run.dir={killed}"])
     assert done.returncode == -signal.SIGKILL
     resumed = train_cli([f"resume={killed}"])
     assert resumed.returncode == 0, resumed.stderr
