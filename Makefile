@@ -22,11 +22,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) train.py
 
+# Two workers, each test process on one thread (tests/conftest.py): most of the suite's time is
+# subprocesses of train.py, which use one core each. A file stays on one worker (--dist loadfile):
+# the DDP tests would compete for one rendezvous port, and module fixtures are built once.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile --durations=15
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n 2 --dist loadfile -m "not slow"
 
 bench: $(STAMP)
 	$(PY) -m lightrlhf.bench

@@ -27,7 +27,7 @@ def test_the_default_demo_meets_its_targets_and_resume_skips_finished_stages(tmp
     scorer >= 90% of the time, PPO gains >= 1 standard deviation of the SFT policy's gold scores with its
     KL within 2x its target."""
     run_dir = tmp_path / "demo"
-    done = train_cli([f"hydra.run.dir={run_dir}"], env={"OMP_NUM_THREADS": "2"})
+    done = train_cli([f"hydra.run.dir={run_dir}"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "hidden gold score: untrained" in done.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
