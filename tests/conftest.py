@@ -100,3 +100,12 @@ def exports(tmp_path_factory):
     run_in_process(["stage=rm", "data=demo_pref", "trainer.max_steps=5", "trainer.val_check_interval=5"],
                    root / "rm_raw_base")
     return root
+
+
+# The longest file runs first: with `pytest -n 2 --dist loadfile` (make test) one worker takes it
+# while the other goes through the rest, instead of both finishing and one then starting it.
+LONGEST_FIRST = ("test_demo_targets.py",)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)

@@ -284,25 +284,6 @@ def test_minibatches_must_divide_the_rollout_batch(exports, tmp_path):
                                         "(stage.datamodule.batch_size=8), got 3"]
 
 
-@pytest.mark.slow
-def test_a_length_biased_annotator_provokes_length_hacking_and_the_tripwire_fires(tmp_path):
-    """The demo with an annotator that likes every extra word (a logit of +1 per word): the reward model learns
-    length, PPO lengthens its answers without improving the hidden gold score, and the tripwire says so."""
-    run_dir = tmp_path / "biased"
-    done = train_cli([f"hydra.run.dir={run_dir}", "demo.annotator.length_bias=1.0",
-                      'pipeline.extra.rm=["trainer.max_steps=300","trainer.val_check_interval=300"]',
-                      'pipeline.extra.ppo=["stage.rollouts=20","stage.eval.num_prompts=64","trainer.val_check_interval=20"]'])
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "alert length_drift at rollout" in done.stderr + done.stdout
-    rm = json.loads((run_dir / "rm" / "metrics.json").read_text())["metrics"]
-    assert rm["val/length_correlation"] > 0.5
-    ppo = json.loads((run_dir / "ppo" / "metrics.json").read_text())["metrics"]
-    assert ppo["alerts/length_drift_count"] >= 1
-    assert ppo["eval/length_mean"] > 1.5 * ppo["eval/length_mean_initial"]
-    assert ppo["eval/reward"] > ppo["eval/reward_initial"]
-    assert ppo["eval/gold_score"] < ppo["eval/gold_score_initial"] + 0.5 * ppo["eval/gold_score_std_initial"]
-
-
 def test_dropout_stays_off_even_when_lightning_switches_to_train_mode(actor_critic):
     """LoRA dropout on (p=0.5 in every adapter here), yet `.train()` -- what Lightning calls before each
     training epoch -- leaves every module in eval mode: the first PPO epoch's ratio is exactly 1 and
