@@ -23,13 +23,13 @@ demo: $(STAMP)
 	$(PY) train.py
 
 # Two workers, each test process on one thread (tests/conftest.py): most of the suite's time is
-# subprocesses of train.py, which use one core each. A file stays on one worker (--dist loadfile):
-# the DDP tests would compete for one rendezvous port, and module fixtures are built once.
+# subprocesses of train.py, which use one core each. The longest tests are collected first and an
+# idle worker takes pending tests from the other (--dist worksteal), so both finish together.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile --durations=15
+	$(PY) -m pytest -n 2 --dist worksteal --durations=15
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile -m "not slow"
+	$(PY) -m pytest -n 2 --dist worksteal -m "not slow"
 
 bench: $(STAMP)
 	$(PY) -m lightrlhf.bench

@@ -102,7 +102,7 @@ def exports(tmp_path_factory):
     return root
 
 
-# The longest file runs first: with `pytest -n 2 --dist loadfile` (make test) one worker takes it
+# The longest tests run first: with `pytest -n 2 --dist worksteal` (make test) one worker takes each
 # while the other goes through the rest, instead of both finishing and one then starting it.
 LONGEST_FIRST = ("test_demo_targets.py",)
 

@@ -15,6 +15,17 @@ pytestmark = pytest.mark.slow
 QUICK = ["trainer=ddp", "trainer.max_steps=6", "trainer.val_check_interval=6", "callbacks.checkpoint.every_n_steps=3"]
 
 
+@pytest.fixture(autouse=True)
+def free_rendezvous_port(monkeypatch):
+    """Each DDP run gets its own free port: tests on parallel workers must not meet at Lightning's default."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MASTER_PORT", str(port))
+
+
 def _outputs_snapshot():
     """Run directories under the default locations (outputs/<date>/<time>, outputs/multirun/...)."""
     outputs = ROOT / "outputs"
