@@ -55,27 +55,17 @@ def test_nan_loss_skipped_and_counted_when_asked(tmp_path):
     assert record["global_step"] == 40
 
 
-def test_nan_reward_in_ppo_names_the_quantity(tmp_path, exports):
+@pytest.mark.parametrize("fault,quantity", [("nan_score_at_rollout:2", "scores"),
+                                            ("nan_advantage_at_rollout:2", "advantages")])
+def test_nan_in_a_ppo_rollout_names_the_quantity(tmp_path, exports, fault, quantity):
     run_dir = tmp_path / "ppo"
-    done = train_with_fault("nan_score_at_rollout:2", [
+    done = train_with_fault(fault, [
         "stage=ppo", "data=demo_prompts", f"policy.init={exports / 'sft' / 'export'}",
         f"reward.path={exports / 'rm' / 'export'}", "stage.datamodule.batch_size=8", "stage.rollouts=4",
         "stage.eval.num_prompts=8", "reward.normalize.init_rollouts=1", "callbacks.checkpoint.every_n_steps=8",
         f"hydra.run.dir={run_dir}"])
     assert done.returncode == 3, done.stderr[-2000:]
-    assert done.stderr.splitlines()[-1].startswith("error: ppo stage, step 8: scores is nan; stopped before")
-    assert _checkpoints(run_dir) == ["step-00000008.ckpt"]
-
-
-def test_nan_advantage_in_ppo_names_the_quantity(tmp_path, exports):
-    run_dir = tmp_path / "ppo"
-    done = train_with_fault("nan_advantage_at_rollout:2", [
-        "stage=ppo", "data=demo_prompts", f"policy.init={exports / 'sft' / 'export'}",
-        f"reward.path={exports / 'rm' / 'export'}", "stage.datamodule.batch_size=8", "stage.rollouts=4",
-        "stage.eval.num_prompts=8", "reward.normalize.init_rollouts=1", "callbacks.checkpoint.every_n_steps=8",
-        f"hydra.run.dir={run_dir}"])
-    assert done.returncode == 3, done.stderr[-2000:]
-    assert done.stderr.splitlines()[-1].startswith("error: ppo stage, step 8: advantages is nan; stopped before")
+    assert done.stderr.splitlines()[-1].startswith(f"error: ppo stage, step 8: {quantity} is nan; stopped before")
     assert _checkpoints(run_dir) == ["step-00000008.ckpt"]
 
 
