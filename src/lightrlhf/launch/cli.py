@@ -54,24 +54,22 @@ def with_recorded_overrides(argv: list[str]) -> list[str]:
     and a key of the resumed run's stage or model is unknown to the default ones. The recorded
     overrides go first, so the first composition already has the run's config groups; the current ones
     follow and win. A change of an identity group (stage, model, data) is left for `run` to refuse."""
-    import json
     from pathlib import Path
 
-    from lightrlhf.launch.run import IDENTITY_GROUPS, RUN_RECORD, _override_key
+    from lightrlhf.launch.run import identity_change, override_key, read_record
 
     given = argv[1:]
     resume = [a.split("=", 1)[1] for a in given if a.startswith("resume=")]
     if not resume or any(a in ("-m", "--multirun") for a in given):
         return argv
-    record_file = Path(resume[-1]).expanduser() / RUN_RECORD
+    overrides = [a for a in given if not a.startswith("-") and "=" in a]
     try:
-        record = json.loads(record_file.read_text())
-        recorded = {_override_key(o): str(o) for o in record.get("overrides", [])}
-        current = {_override_key(a): a for a in given if not a.startswith("-") and "=" in a}
+        record = read_record(Path(resume[-1]).expanduser())
+        recorded = {override_key(o): str(o) for o in record.get("overrides", [])}
+        current = {override_key(a) for a in overrides}
     except Exception:  # no record, an unreadable one, a bad override: `run` or Hydra reports it in one line
         return argv
-    choices = record.get("choices", {})
-    if any(key in IDENTITY_GROUPS and text.split("=", 1)[1] != str(choices.get(key)) for key, text in current.items()):
+    if identity_change(overrides, record.get("choices", {})) is not None:
         return argv
     return argv[:1] + [text for key, text in recorded.items() if key not in current] + given
 

@@ -105,24 +105,32 @@ def refuse_existing_run(run_dir: Path) -> None:
                         "or choose a new hydra.run.dir")
 
 
-def _override_key(text: str) -> str:
+def override_key(text: str) -> str:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     return OverridesParser.create().parse_override(text).key_or_group
 
 
+def identity_change(current: list[str], choices: dict[str, Any]) -> str | None:
+    """The first group of IDENTITY_GROUPS that an override in `current` switches away from `choices`."""
+    for text in current:
+        key = override_key(text)
+        if key in IDENTITY_GROUPS and "=" in text and text.split("=", 1)[1] != str(choices.get(key)):
+            return key
+    return None
+
+
 def merged_overrides(previous: list[str], current: list[str], choices: dict[str, Any]) -> list[str]:
     """The recorded overrides with the current ones applied on top (last one per key wins)."""
-    current = [o for o in current if _override_key(o) != "resume"]
-    for text in current:
-        key = _override_key(text)
-        if key in IDENTITY_GROUPS and "=" in text and text.split("=", 1)[1] != str(choices.get(key)):
-            raise UserError(f"resume: cannot change {key} of an existing run "
-                            f"(it was {key}={choices.get(key)}); start a new run instead")
+    current = [o for o in current if override_key(o) != "resume"]
+    key = identity_change(current, choices)
+    if key is not None:
+        raise UserError(f"resume: cannot change {key} of an existing run "
+                        f"(it was {key}={choices.get(key)}); start a new run instead")
     by_key: dict[str, str] = {}
     for text in previous + current:
-        by_key.pop(_override_key(text), None)
-        by_key[_override_key(text)] = text
+        by_key.pop(override_key(text), None)
+        by_key[override_key(text)] = text
     return list(by_key.values())
 
 
@@ -142,7 +150,7 @@ def recompose_for_resume(run_dir: Path, current: list[str],
 
 
 def write_record(run_dir: Path, overrides: list[str], choices: dict[str, Any], cfg: DictConfig) -> None:
-    record = {"overrides": [o for o in overrides if _override_key(o) != "resume"],
+    record = {"overrides": [o for o in overrides if override_key(o) != "resume"],
               "choices": {k: v for k, v in choices.items() if not k.startswith("hydra")}}
     previous = run_dir / RUN_RECORD
     if previous.exists():
@@ -337,7 +345,9 @@ def build_trainer(plain: dict[str, Any], ckpt_path: Path | None):
         if ckpt_path is not None and str(node.get("_target_", "")).endswith("TensorBoardLogger"):
             # detail: events written after the checkpoint by the killed run are hidden, so the
             # resumed curve continues without a second copy of those steps.
-            extra["purge_step"] = logging_step_of(torch.load(ckpt_path, map_location="cpu", weights_only=True))
+            # mmap: only the bookkeeping is read here; Lightning reads the tensors when it restores
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+            extra["purge_step"] = logging_step_of(checkpoint)
         loggers.append(build(node, f"logger.{name}", **extra))
     trainer_node = dict(plain["trainer"])
     plugins = list(trainer_node.pop("plugins", None) or []) + [AtomicCheckpointIO()]
