@@ -67,6 +67,15 @@ def train_cli(args: list[str], timeout: float = 600, script: list[str] | None = 
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+def scalar_curve(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of one scalar in a run's TensorBoard events, as TensorBoard shows it (restarts purged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
 FAULTS = [str(Path(__file__).parent / "support" / "run_with_faults.py")]
 
 

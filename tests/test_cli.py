@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import train_cli
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from conftest import scalar_curve, train_cli
 
 pytestmark = pytest.mark.slow
 FAST = ["stage.eval.num_prompts=32", "trainer.val_check_interval=10", "callbacks.checkpoint.every_n_steps=10"]
@@ -26,9 +25,7 @@ def test_cfg_job_prints_the_composed_config():
 
 
 def _steps(run_dir, tag):
-    events = EventAccumulator(str(run_dir / "tb"))
-    events.Reload()
-    return [e.step for e in events.Scalars(tag)]
+    return [step for step, _ in scalar_curve(run_dir, tag)]
 
 
 def test_run_then_resume_in_place_with_more_steps(tmp_path):

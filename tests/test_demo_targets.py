@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import train_cli
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from conftest import scalar_curve, train_cli
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +32,7 @@ def test_the_default_demo_meets_its_targets_and_resume_skips_finished_stages(tmp
     ppo = json.loads((run_dir / "ppo" / "metrics.json").read_text())["metrics"]
     target = 4.0  # conf/stage/ppo.yaml stage.kl.target
     assert ppo["eval/kl"] <= 2 * target and ppo.get("alerts/kl_exceeded_count", 0) == 0, ppo
-    training_kl = _curve(run_dir / "ppo", "objective/kl")
+    training_kl = [value for _, value in scalar_curve(run_dir / "ppo", "objective/kl")]
     assert len(training_kl) == 100 and max(training_kl) <= 2 * target
     for step in ("sft", "rm", "ppo"):
         assert json.loads((run_dir / step / "metrics.json").read_text())["status"] == "completed"
@@ -45,12 +44,6 @@ def test_the_default_demo_meets_its_targets_and_resume_skips_finished_stages(tmp
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("already finished") == 3
     assert stamps == {s: (run_dir / s / "metrics.json").stat().st_mtime_ns for s in ("sft", "rm", "ppo")}
-
-
-def _curve(run_dir, tag):
-    events = EventAccumulator(str(run_dir / "tb"))
-    events.Reload()
-    return [e.value for e in events.Scalars(tag)]
 
 
 def test_a_length_biased_annotator_provokes_length_hacking_and_the_tripwire_fires(tmp_path):

@@ -7,9 +7,8 @@ import signal
 
 import pytest
 import torch
-from conftest import run_in_process, train_cli, train_with_fault
+from conftest import run_in_process, scalar_curve, train_cli, train_with_fault
 from safetensors.torch import load_file
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightrlhf.errors import UserError
 from lightrlhf.models.actor_critic import PolicySpec, ValueSpec, load_actor_critic
@@ -262,18 +261,12 @@ def test_ppo_killed_and_resumed_equals_uninterrupted(exports, tmp_path, fault):
     # the training curves continue: points the killed run wrote after its checkpoint are hidden, the
     # checkpointed rollout's own point (logged by Lightning after the checkpoint) is written again
     for tag in ("objective/kl", "policy/loss", "reward/length_mean"):
-        assert _curve(killed, tag) == _curve(straight, tag), tag
+        assert scalar_curve(killed, tag) == scalar_curve(straight, tag), tag
     # an evaluation due right at the checkpointed rollout is lost when the kill falls between the two
     # (README, "when things go wrong"); every other evaluation point is there, once, with its value
-    evaluations = _curve(killed, "eval/gold_score")
+    evaluations = scalar_curve(killed, "eval/gold_score")
     assert len({step for step, _ in evaluations}) == len(evaluations)
-    assert set(evaluations) <= set(_curve(straight, "eval/gold_score")) and len(evaluations) >= 2
-
-
-def _curve(run_dir, tag):
-    events = EventAccumulator(str(run_dir / "tb"))
-    events.Reload()
-    return [(e.step, e.value) for e in events.Scalars(tag)]
+    assert set(evaluations) <= set(scalar_curve(straight, "eval/gold_score")) and len(evaluations) >= 2
 
 
 @pytest.mark.slow

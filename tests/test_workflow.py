@@ -10,8 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, train_cli, train_with_fault
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from conftest import ROOT, scalar_curve, train_cli, train_with_fault
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 pytestmark = pytest.mark.slow
@@ -57,9 +56,7 @@ def test_sigkill_at_any_moment_then_resume_continues_the_curves_once(tmp_path, a
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     record = json.loads((run_dir / "metrics.json").read_text())
     assert record["status"] == "completed" and record["global_step"] == 120
-    events = EventAccumulator(str(run_dir / "tb"))
-    events.Reload()
-    steps = [e.step for e in events.Scalars("train/loss")]
+    steps = [step for step, _ in scalar_curve(run_dir, "train/loss")]
     assert steps == list(range(120)), steps  # continued: every step once, none twice, none missing
 
 
