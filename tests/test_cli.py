@@ -36,16 +36,23 @@ def test_run_then_resume_in_place_with_more_steps(tmp_path):
     assert first["global_step"] == 20 and (run_dir / "export" / "lightrlhf.json").is_file()
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
 
-    done = train_cli([f"resume={run_dir}", "trainer.max_steps=40"])
+    # a key of the run's own stage is accepted on resume (the default config's stage is the pipeline)
+    done = train_cli([f"resume={run_dir}", "trainer.max_steps=40", "stage.max_grad_norm=0.5"])
     assert done.returncode == 0, done.stderr
     assert "Restored all states" in done.stdout + done.stderr
     second = json.loads((run_dir / "metrics.json").read_text())
     assert second["global_step"] == 40 and second["stage"] == "sft"
     record = json.loads((run_dir / "run.json").read_text())
-    assert record["launches"] == 2 and "trainer.max_steps=40" in record["overrides"]
+    assert record["launches"] == 2 and {"trainer.max_steps=40", "stage.max_grad_norm=0.5"} <= set(record["overrides"])
     steps = _steps(run_dir, "train/loss")
     assert steps == sorted(set(steps)) and max(steps) >= 39, steps  # one curve, no step twice
     assert not (run_dir / ".hydra" / "overrides.yaml").read_text().count("resume")
+
+    refused = train_cli([f"resume={run_dir}", "stage=rm"])
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines() == ["error: resume: cannot change stage of an existing run (it was stage=sft); "
+                                           "start a new run instead"]
+    assert json.loads((run_dir / "run.json").read_text())["launches"] == 2
 
 
 def test_a_directory_holding_a_run_is_not_reused_without_resume(tmp_path):
