@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import run_in_process
 
-from lightrlhf.stages.optim import SchedulerSpec
+from lightrlhf.training.optim import SchedulerSpec
 
 
 def _learning_rates(spec: SchedulerSpec, total_steps: int) -> list[float]:
@@ -62,7 +62,7 @@ def test_whole_sequence_loss_when_completion_only_is_off(tiny_spec):
 
 
 def test_skip_mode_stops_after_max_consecutive_skips_and_a_finite_batch_resets_the_run():
-    from lightrlhf.stages.numerics import NonFiniteGuard, NumericFault, NumericsSpec
+    from lightrlhf.training.numerics import NonFiniteGuard, NumericFault, NumericsSpec
 
     guard = NonFiniteGuard(NumericsSpec(on_nonfinite="skip", max_consecutive_skips=2), "rm")
     nan, fine = torch.tensor(float("nan")), torch.tensor(1.0)

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from lightrlhf.errors import UserError
 from lightrlhf.models.actor_critic import PolicySpec, ValueSpec, load_actor_critic
-from lightrlhf.rewards import Component, NormalizeSpec, RewardSpec, length_words
+from lightrlhf.rewards.functions import length_words
+from lightrlhf.rewards.spec import Component, NormalizeSpec, RewardSpec
 
 FAST_EVAL = ["stage.eval.num_prompts=16", "stage.eval.batch_size=16", "reward.normalize.init_rollouts=1"]
 
@@ -163,7 +164,7 @@ def test_an_sft_export_given_as_the_reward_model_is_refused(exports, tiny_spec):
 
 
 def test_tripwires(actor_critic):
-    from lightrlhf.stages.ppo_config import AlertSpec
+    from lightrlhf.training.alerts import AlertSpec
 
     stage = _stage(actor_critic, alerts=AlertSpec(length_drift=0.5, eos_collapse=0.5, kl_multiple=2.0))
     stage.baseline = {"score_mean": 0.0, "score_std": 1.0, "length_mean": 10.0, "frac_ended_with_eos": 0.9}
@@ -182,8 +183,8 @@ def test_a_reward_component_given_by_target_in_the_config_is_built_and_weighted(
     from lightrlhf.launch.build import build
     from lightrlhf.launch.run import to_plain
 
-    component = ("+reward.components.brevity={_target_: lightrlhf.rewards.Component, weight: -0.05, "
-                 "fn: {_target_: lightrlhf.rewards.length_words, _partial_: true}}")
+    component = ("+reward.components.brevity={_target_: lightrlhf.rewards.spec.Component, weight: -0.05, "
+                 "fn: {_target_: lightrlhf.rewards.functions.length_words, _partial_: true}}")
     cfg = compose(["stage=ppo", "data=demo_prompts", "reward.path=some/rm", component], tmp_path)
     spec = build(to_plain(cfg)["reward"], "reward")
     brevity = spec.components["brevity"]
@@ -193,7 +194,7 @@ def test_a_reward_component_given_by_target_in_the_config_is_built_and_weighted(
 def test_alerts_stop_switch_ends_the_run_cleanly(actor_critic):
     from types import SimpleNamespace
 
-    from lightrlhf.stages.ppo_config import AlertSpec
+    from lightrlhf.training.alerts import AlertSpec
 
     stage = _stage(actor_critic, alerts=AlertSpec(kl_multiple=2.0, stop=True))
     stage.baseline = {"score_mean": 0.0, "score_std": 1.0, "length_mean": 10.0, "frac_ended_with_eos": 0.9}

@@ -212,7 +212,7 @@ def logging_step_of(checkpoint: dict[str, Any]) -> int:
 
 def check_finite_weights(trainer: L.Trainer) -> None:
     """Refuse to write a checkpoint whose trainable weights hold NaN/inf: the last good one stays."""
-    from lightrlhf.stages.numerics import NumericFault
+    from lightrlhf.training.numerics import NumericFault
 
     module = trainer.lightning_module
     names = getattr(module, "trainable_parameter_names", lambda: [])()

@@ -142,7 +142,7 @@ class ActorCritic(nn.Module):
 
 
 def load_actor_critic(spec: ModelSpec, tokenizer, policy: PolicySpec, value: ValueSpec, reward) -> ActorCritic:
-    """Config target for the PPO stage (`reward` is a `lightrlhf.rewards.RewardSpec`)."""
+    """Config target for the PPO stage (`reward` is a `lightrlhf.rewards.spec.RewardSpec`)."""
     from peft import get_peft_model
 
     base_spec = spec if policy.init is None else replace(spec, name_or_path=policy.init)

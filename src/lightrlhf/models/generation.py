@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightrlhf.rl.sampling import sample_tokens
+from lightrlhf.rl.next_token import sample_tokens
 
 
 @dataclass

@@ -35,7 +35,7 @@ from lightrlhf.models.loading import (
     read_export_manifest,
 )
 from lightrlhf.models.spec import ModelSpec
-from lightrlhf.rl.rewards import last_valid_index
+from lightrlhf.rl.shaping import last_valid_index
 
 ADAPTER = "default"
 HEAD_FILE = "score_head.safetensors"

@@ -14,8 +14,8 @@ from lightrlhf.rl.ppo import (
     ppo_policy_loss,
 )
 from lightrlhf.rl.preference import bradley_terry_loss
-from lightrlhf.rl.rewards import last_valid_index, per_token_rewards
-from lightrlhf.rl.sampling import filter_logits, sample_tokens
+from lightrlhf.rl.shaping import last_valid_index, per_token_rewards
+from lightrlhf.rl.next_token import filter_logits, sample_tokens
 
 __all__ = [
     "AdaptiveKLController",

@@ -6,9 +6,10 @@ Both keep their coefficient in `.value`; `state_dict` holds it so a resumed run 
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from lightrlhf.validation import non_negative, positive
+from lightrlhf.validation import non_negative, one_of, positive
 
 
 class FixedKLController:
@@ -56,3 +57,28 @@ class AdaptiveKLController:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.value = float(state["value"])
+
+
+@dataclass(frozen=True)
+class KLSpec:
+    """Per-token KL penalty -beta * KL_t with KL_t estimated by `estimator` (Schulman 2020):
+    k1 = log pi - log pi_ref (unbiased, per-token signed), k3 = (r - 1) - log r (unbiased, >= 0).
+    `adaptive`: beta follows Ziegler et al. 2019's proportional controller towards `target` nats
+    per response, with time constant `horizon` episodes."""
+
+    coef: float = 0.05
+    estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
+    adaptive: bool = False
+    target: float = 6.0
+    horizon: int = 10000
+
+    def __post_init__(self) -> None:
+        non_negative("coef", self.coef)
+        one_of("estimator", self.estimator, ("k1", "k2", "k3", "abs"))
+        positive("target", self.target)
+        positive("horizon", self.horizon)
+
+    def controller(self) -> FixedKLController | AdaptiveKLController:
+        if self.adaptive:
+            return AdaptiveKLController(self.coef, self.target, self.horizon)
+        return FixedKLController(self.coef)

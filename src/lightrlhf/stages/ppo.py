@@ -25,7 +25,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -34,7 +34,7 @@ from torch import Tensor
 from lightrlhf.data.modules import PromptDataModule
 from lightrlhf.models.actor_critic import ActorCritic
 from lightrlhf.models.generation import Generation, decode_responses, left_pad, sample
-from lightrlhf.rewards import RewardSpec
+from lightrlhf.rewards.spec import RewardSpec
 from lightrlhf.rl import (
     RunningMeanStd,
     clipped_value_loss,
@@ -48,13 +48,14 @@ from lightrlhf.rl import (
     ppo_policy_loss,
     token_logprobs,
 )
-from lightrlhf.stages.checkpointing import check_trainable, keep_trainable
-from lightrlhf.stages.numerics import NonFiniteGuard, NumericsSpec, gradient_norm
-from lightrlhf.stages.optim import OptimizerSpec, SchedulerSpec
-from lightrlhf.stages.ppo_config import AlertSpec, KLSpec, PPOSpec, check_minibatches
-from lightrlhf.stages.reporting import log_data_summary, markdown_table
-from lightrlhf.stages.sampling import EvalSpec, GenerationSpec
-from lightrlhf.validation import in_range, non_negative, positive
+from lightrlhf.training.checkpointing import check_trainable, keep_trainable
+from lightrlhf.training.numerics import NonFiniteGuard, NumericsSpec, gradient_norm
+from lightrlhf.training.optim import OptimizerSpec, SchedulerSpec
+from lightrlhf.training.alerts import AlertSpec
+from lightrlhf.rl.kl_control import KLSpec
+from lightrlhf.training.reporting import log_data_summary, markdown_table
+from lightrlhf.rollouts.heldout import EvalSpec, GenerationSpec
+from lightrlhf.validation import in_range, non_negative, one_of, positive, require
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,61 @@ class Rollout:
     ended_with_eos: Tensor
     prompts: list[str]
     texts: list[str]
+
+
+@dataclass(frozen=True)
+class PPOSpec:
+    """The update: `epochs` passes over each rollout batch in `num_minibatches` minibatches, one
+    optimizer step per minibatch (micro-batches of `micro_batch_size` accumulate inside one).
+
+    clip_range: policy ratio clip epsilon (Schulman et al. 2017, eq. 7).
+    value_clip_range: clip of the value update around the rollout's values.
+    vf_coef: weight of the value loss; entropy_coef: entropy bonus (0 = off).
+    gamma, lam: GAE discount and trace decay (Schulman et al. 2016); gamma = 1 for RLHF's single reward.
+    max_approx_kl: stop the remaining epochs of a rollout once the minibatch approx-KL exceeds this.
+    loss_aggregation: token_mean (every token weighs the same) or seq_mean (every response does).
+    forward_batch_size: rows per forward when scoring a rollout (bounds memory; None = all at once).
+    """
+
+    epochs: int = 4
+    num_minibatches: int = 2
+    micro_batch_size: int | None = None
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    max_approx_kl: float | None = None
+    loss_aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+    forward_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        positive("epochs", self.epochs)
+        positive("num_minibatches", self.num_minibatches)
+        if self.micro_batch_size is not None:
+            positive("micro_batch_size", self.micro_batch_size)
+        positive("clip_range", self.clip_range)
+        positive("value_clip_range", self.value_clip_range)
+        non_negative("vf_coef", self.vf_coef)
+        non_negative("entropy_coef", self.entropy_coef)
+        in_range("gamma", self.gamma, 0.0, 1.0)
+        in_range("lam", self.lam, 0.0, 1.0)
+        if self.max_approx_kl is not None:
+            positive("max_approx_kl", self.max_approx_kl)
+        one_of("loss_aggregation", self.loss_aggregation, ("token_mean", "seq_mean"))
+        if self.forward_batch_size is not None:
+            positive("forward_batch_size", self.forward_batch_size)
+
+
+def check_minibatches(batch_size: int, ppo: PPOSpec) -> None:
+    require(batch_size % ppo.num_minibatches == 0, "ppo.num_minibatches",
+            f"must divide the rollout batch (stage.datamodule.batch_size={batch_size}), got {ppo.num_minibatches}")
+    if ppo.micro_batch_size is not None:
+        minibatch = batch_size // ppo.num_minibatches
+        require(minibatch % ppo.micro_batch_size == 0, "ppo.micro_batch_size",
+                f"must divide the minibatch ({minibatch} rows), got {ppo.micro_batch_size}")
 
 
 class PPOStage(L.LightningModule):

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torchmetrics import CatMetric, MeanMetric, PearsonCorrCoef
 from torchmetrics.classification import BinaryCalibrationError
@@ -36,10 +35,10 @@ from lightrlhf.data.modules import PreferenceDataModule
 from lightrlhf.data.tokenize import prompt_text
 from lightrlhf.models.reward import RewardModel
 from lightrlhf.rl.preference import bradley_terry_loss
-from lightrlhf.stages.checkpointing import check_trainable, keep_trainable
-from lightrlhf.stages.numerics import NonFiniteGuard, NumericsSpec, guard_and_clip
-from lightrlhf.stages.optim import OptimizerSpec, SchedulerSpec
-from lightrlhf.stages.reporting import log_data_summary
+from lightrlhf.stages.base import StageModule
+from lightrlhf.training.numerics import NumericsSpec
+from lightrlhf.training.optim import OptimizerSpec, SchedulerSpec
+from lightrlhf.training.reporting import log_data_summary
 from lightrlhf.validation import in_range, non_negative, positive
 
 
@@ -54,25 +53,20 @@ class PreferenceLossSpec:
         non_negative("center_coefficient", self.center_coefficient)
 
 
-class RewardModelStage(L.LightningModule):
+class RewardModelStage(StageModule):
     default_metric = "val/accuracy"
+    stage_name = "rm"
 
     def __init__(self, model: RewardModel, datamodule: PreferenceDataModule, optim: OptimizerSpec | None = None,
                  scheduler: SchedulerSpec | None = None, loss: PreferenceLossSpec | None = None,
                  max_grad_norm: float | None = 1.0, head_lr_scale: float = 1.0, numerics: NumericsSpec | None = None):
-        super().__init__()
-        if max_grad_norm is not None:
-            positive("max_grad_norm", max_grad_norm)
+        super().__init__(optim or OptimizerSpec(), scheduler or SchedulerSpec(), max_grad_norm, numerics)
         positive("head_lr_scale", head_lr_scale)
         self.model, self.datamodule = model, datamodule
-        self.optim, self.scheduler = optim or OptimizerSpec(), scheduler or SchedulerSpec()
-        self.loss_spec, self.max_grad_norm, self.head_lr_scale = loss or PreferenceLossSpec(), max_grad_norm, head_lr_scale
-        self.strict_loading = False
-        self.guard = NonFiniteGuard(numerics, "rm")
+        self.loss_spec, self.head_lr_scale = loss or PreferenceLossSpec(), head_lr_scale
         self.val_loss = MeanMetric()
         self.val_rewards = torch.nn.ModuleDict({k: CatMetric() for k in ("chosen", "rejected", "chosen_length",
                                                                           "rejected_length", "index")})
-        self.last_validated_step = -1
         self.val_results: dict[str, float] = {}
         self._gold: torch.Tensor | None = None  # gold(chosen) - gold(rejected) per validation pair
 
@@ -155,34 +149,22 @@ class RewardModelStage(L.LightningModule):
         if self.global_step == 0:
             log_data_summary(self.logger, self.datamodule.summary)
 
-    # -- optimisation --------------------------------------------------------------------------
-    def trainable_parameter_names(self) -> list[str]:
-        return [f"model.{n}" for n in self.model.trainable_parameter_names()]
-
+    # -- optimisation and checkpoints ----------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        table = dict(self.named_parameters())
-        names = self.trainable_parameter_names()
-        body = [(n, table[n]) for n in names if not n.startswith("model.head.")]
-        head = [(n, table[n]) for n in names if n.startswith("model.head.")]
-        optimizer = self.optim.adamw(self.optim.build(body) + self.optim.build(head, self.head_lr_scale))
-        scheduler = self.scheduler.build(optimizer, int(self.trainer.estimated_stepping_batches))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        def is_head(name: str) -> bool:
+            return name.startswith("model.head.")
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        guard_and_clip(self, optimizer, gradient_clip_val if gradient_clip_val is not None else self.max_grad_norm)
+        groups = (self.optim.build(self.named_trainable(lambda n: not is_head(n))) +
+                  self.optim.build(self.named_trainable(is_head), self.head_lr_scale))
+        return self.optimizer_and_schedule(groups, int(self.trainer.estimated_stepping_batches))
 
-    # -- checkpoints and export ----------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep_trainable(checkpoint, self.trainable_parameter_names())
-        checkpoint["lightrlhf"] = {"val": dict(self.val_results), "numerics": self.guard.state_dict()}
+    def stage_state(self) -> dict[str, Any]:
+        return {"val": dict(self.val_results)}
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_trainable(checkpoint, self.trainable_parameter_names())
-        state = checkpoint.get("lightrlhf", {})
+    def load_stage_state(self, state: dict[str, Any]) -> None:
         self.val_results = dict(state.get("val", {}))
-        if "numerics" in state:
-            self.guard.load_state_dict(state["numerics"])
 
+    # -- what the launcher reads ---------------------------------------------------------------
     def final_metrics(self) -> dict[str, float]:
         return dict(self.val_results)
 

@@ -22,7 +22,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
@@ -31,12 +30,11 @@ from torchmetrics.text import Perplexity
 from lightrlhf.data.modules import SFTDataModule
 from lightrlhf.models.causal_lm import CausalLM
 from lightrlhf.models.export import export_causal_lm
-from lightrlhf.stages.checkpointing import check_trainable, keep_trainable
-from lightrlhf.stages.numerics import NonFiniteGuard, NumericsSpec, guard_and_clip
-from lightrlhf.stages.optim import OptimizerSpec, SchedulerSpec
-from lightrlhf.stages.reporting import log_data_summary, markdown_table
-from lightrlhf.stages.sampling import EvalSpec, GenerationSpec, response_stats, sample_texts
-from lightrlhf.validation import positive
+from lightrlhf.stages.base import StageModule
+from lightrlhf.training.numerics import NumericsSpec
+from lightrlhf.training.optim import OptimizerSpec, SchedulerSpec
+from lightrlhf.training.reporting import log_data_summary, markdown_table
+from lightrlhf.rollouts.heldout import EvalSpec, GenerationSpec, response_stats, sample_texts
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -51,27 +49,22 @@ def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Ten
     return nll / tokens.clamp(min=1), tokens
 
 
-class SFTStage(L.LightningModule):
+class SFTStage(StageModule):
     default_metric = "val/loss"  # what `train.py` returns to a sweeper unless optimized_metric says otherwise
+    stage_name = "sft"
 
     def __init__(self, model: CausalLM, datamodule: SFTDataModule, optim: OptimizerSpec | None = None,
                  scheduler: SchedulerSpec | None = None, completion_only_loss: bool = True,
                  max_grad_norm: float | None = 1.0, generation: GenerationSpec | None = None,
                  eval: EvalSpec | None = None, numerics: NumericsSpec | None = None):
-        super().__init__()
-        if max_grad_norm is not None:
-            positive("max_grad_norm", max_grad_norm)
+        super().__init__(optim or OptimizerSpec(), scheduler or SchedulerSpec(), max_grad_norm, numerics)
         self.model, self.datamodule = model, datamodule
-        self.optim, self.scheduler = optim or OptimizerSpec(), scheduler or SchedulerSpec()
-        self.completion_only_loss, self.max_grad_norm = completion_only_loss, max_grad_norm
+        self.completion_only_loss = completion_only_loss
         self.generation, self.eval_spec = generation or GenerationSpec(), eval or EvalSpec()
-        self.strict_loading = False  # checkpoints hold only the trainable weights
-        self.guard = NonFiniteGuard(numerics, "sft")
         self.val_loss = MeanMetric()
         self.val_perplexity = Perplexity(ignore_index=IGNORE)
         self.eval_results: dict[str, float] = {}  # latest held-out sampling metrics
         self.initial_eval: dict[str, float] = {}  # the same, before any training step
-        self.last_validated_step = -1
 
     # -- training -----------------------------------------------------------------------------
     def _loss_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -145,33 +138,18 @@ class SFTStage(L.LightningModule):
                     for (_, p), t, s in zip(prompts[:n], texts[:n], (scores or [None] * n)[:n])]
             experiment.add_text("samples", markdown_table(header, rows), self.global_step)
 
-    # -- optimisation -------------------------------------------------------------------------
-    def trainable_parameter_names(self) -> list[str]:
-        return [f"model.{n}" for n in self.model.trainable_parameter_names()]
-
+    # -- optimisation and checkpoints ----------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        table = dict(self.named_parameters())
-        named = [(n, table[n]) for n in self.trainable_parameter_names()]
-        optimizer = self.optim.adamw(self.optim.build(named))
-        scheduler = self.scheduler.build(optimizer, int(self.trainer.estimated_stepping_batches))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return self.optimizer_and_schedule(self.optim.build(self.named_trainable()),
+                                           int(self.trainer.estimated_stepping_batches))
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        guard_and_clip(self, optimizer, gradient_clip_val if gradient_clip_val is not None else self.max_grad_norm)
+    def stage_state(self) -> dict[str, Any]:
+        return {"initial_eval": dict(self.initial_eval), "eval": dict(self.eval_results)}
 
-    # -- checkpoints and export ---------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep_trainable(checkpoint, self.trainable_parameter_names())
-        checkpoint["lightrlhf"] = {"initial_eval": dict(self.initial_eval), "eval": dict(self.eval_results),
-                                   "numerics": self.guard.state_dict()}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_trainable(checkpoint, self.trainable_parameter_names())
-        state = checkpoint.get("lightrlhf", {})
+    def load_stage_state(self, state: dict[str, Any]) -> None:
         self.initial_eval, self.eval_results = dict(state.get("initial_eval", {})), dict(state.get("eval", {}))
-        if "numerics" in state:
-            self.guard.load_state_dict(state["numerics"])
 
+    # -- what the launcher reads ---------------------------------------------------------------
     def final_metrics(self) -> dict[str, float]:
         metrics = dict(self.eval_results)
         metrics.update({f"{k}_initial": v for k, v in self.initial_eval.items()})

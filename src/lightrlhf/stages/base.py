@@ -1,0 +1,110 @@
+"""The stage contract: what `launch/run.py` may ask of any stage, and the parts every stage shares.
+
+A stage is a LightningModule built from config (`conf/stage/<name>.yaml`, `_target_` = its class)
+with its model, data module and settings passed to its constructor. Beyond Lightning's own hooks,
+the launcher relies on exactly what `Stage` declares:
+
+    default_metric          the metric `train.py` returns to a sweeper (unless optimized_metric says)
+    last_validated_step     the optimizer step of the newest validation (-1: none yet); when it is
+                            not the final step the launcher validates once more, so the final
+                            metrics describe the final weights
+    final_metrics()         metrics measured by the stage itself (held-out sampling, counters)
+    export(out_dir, ...)    a Hugging Face-format directory the next stage can load
+    trainable_parameter_names()   what checkpoints hold (never the frozen base)
+
+`StageModule` implements the shared part once: checkpoints that hold only the trainable weights
+plus the stage's own state (`stage_state` / `load_stage_state`), AdamW with the configured
+schedule over named parameter groups, and NaN-guarded gradient clipping. Adding a stage is one
+subclass in `stages/` and one YAML in `conf/stage/`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import lightning as L
+from torch import nn
+
+from lightrlhf.training.checkpointing import check_trainable, keep_trainable
+from lightrlhf.training.numerics import NonFiniteGuard, NumericsSpec, guard_and_clip
+from lightrlhf.training.optim import OptimizerSpec, SchedulerSpec
+from lightrlhf.validation import positive
+
+STATE_KEY = "lightrlhf"  # where a stage's own state sits in a Lightning checkpoint
+
+
+@runtime_checkable
+class Stage(Protocol):
+    default_metric: str | None
+    last_validated_step: int
+
+    def final_metrics(self) -> dict[str, float]: ...
+
+    def export(self, out_dir: Path, config: dict | None, metrics: dict | None, merged: bool) -> Path: ...
+
+    def trainable_parameter_names(self) -> list[str]: ...
+
+
+class StageModule(L.LightningModule):
+    """Base of the shipped stages (see module docstring). Subclasses set `default_metric`, hold their
+    trainable model in `self.model` (anything with `trainable_parameter_names()`), and implement
+    `final_metrics`, `export`, and -- when they keep state of their own -- `stage_state` and
+    `load_stage_state`."""
+
+    default_metric: ClassVar[str | None] = None
+    stage_name: ClassVar[str] = "stage"
+
+    def __init__(self, optim: OptimizerSpec, scheduler: SchedulerSpec, max_grad_norm: float | None,
+                 numerics: NumericsSpec | None) -> None:
+        super().__init__()
+        if max_grad_norm is not None:
+            positive("max_grad_norm", max_grad_norm)
+        self.optim, self.scheduler, self.max_grad_norm = optim, scheduler, max_grad_norm
+        self.guard = NonFiniteGuard(numerics, self.stage_name)
+        self.strict_loading = False  # checkpoints hold only the trainable weights, on purpose
+        self.last_validated_step = -1
+
+    # -- what trains ---------------------------------------------------------------------------
+    def trainable_parameter_names(self) -> list[str]:
+        return [f"model.{n}" for n in self.model.trainable_parameter_names()]
+
+    def named_trainable(self, keep=lambda name: True) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of the trainable weights whose name passes `keep`, in a stable order."""
+        table = dict(self.named_parameters())
+        return [(n, table[n]) for n in self.trainable_parameter_names() if keep(n)]
+
+    def optimizer_and_schedule(self, groups: list[dict], total_steps: int) -> dict[str, Any]:
+        """`configure_optimizers`' answer: AdamW over `groups` (from `self.optim.build`), stepped schedule."""
+        optimizer = self.optim.adamw(groups)
+        scheduler = self.scheduler.build(optimizer, total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        guard_and_clip(self, optimizer, gradient_clip_val if gradient_clip_val is not None else self.max_grad_norm)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def stage_state(self) -> dict[str, Any]:
+        """The stage's own state for the checkpoint (plain Python values and tensors)."""
+        return {}
+
+    def load_stage_state(self, state: dict[str, Any]) -> None:
+        """Restore what `stage_state` returned."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep_trainable(checkpoint, self.trainable_parameter_names())
+        checkpoint[STATE_KEY] = {**self.stage_state(), "numerics": self.guard.state_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_trainable(checkpoint, self.trainable_parameter_names())
+        state = checkpoint.get(STATE_KEY, {})
+        if "numerics" in state:
+            self.guard.load_state_dict(state["numerics"])
+        self.load_stage_state(state)
+
+    # -- what the launcher reads ---------------------------------------------------------------
+    def final_metrics(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def export(self, out_dir: Path, config: dict | None, metrics: dict | None, merged: bool) -> Path:
+        raise NotImplementedError
