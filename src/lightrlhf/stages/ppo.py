@@ -54,7 +54,7 @@ from lightrlhf.training.optim import OptimizerSpec, SchedulerSpec
 from lightrlhf.training.alerts import AlertSpec
 from lightrlhf.rl.kl_control import KLSpec
 from lightrlhf.training.reporting import log_data_summary, markdown_table
-from lightrlhf.rollouts.heldout import EvalSpec, GenerationSpec
+from lightrlhf.rollouts.specs import EvalSpec, GenerationSpec
 from lightrlhf.validation import in_range, non_negative, one_of, positive, require
 
 log = logging.getLogger(__name__)

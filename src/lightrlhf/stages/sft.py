@@ -34,7 +34,8 @@ from lightrlhf.stages.base import StageModule
 from lightrlhf.training.numerics import NumericsSpec
 from lightrlhf.training.optim import OptimizerSpec, SchedulerSpec
 from lightrlhf.training.reporting import log_data_summary, markdown_table
-from lightrlhf.rollouts.heldout import EvalSpec, GenerationSpec, response_stats, sample_texts
+from lightrlhf.rollouts.heldout import response_stats, sample_texts
+from lightrlhf.rollouts.specs import EvalSpec, GenerationSpec
 
 log = logging.getLogger(__name__)
 IGNORE = -100
