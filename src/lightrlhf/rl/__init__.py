@@ -8,10 +8,17 @@ from lightrlhf.rl.masked import masked_mean, masked_sum, masked_var, masked_whit
 from lightrlhf.rl.normalize import RunningMeanStd
 from lightrlhf.rl.ppo import (
     PolicyLossResult,
+    PolicyObjective,
     ValueLossResult,
+    ValueObjective,
+    aggregate,
+    aggregation_normalizer,
     clipped_value_loss,
     explained_variance,
+    policy_objective,
+    ppo_minibatch_loss,
     ppo_policy_loss,
+    value_objective,
 )
 from lightrlhf.rl.preference import bradley_terry_loss
 from lightrlhf.rl.shaping import last_valid_index, per_token_rewards
@@ -21,8 +28,12 @@ __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "PolicyLossResult",
+    "PolicyObjective",
     "RunningMeanStd",
     "ValueLossResult",
+    "ValueObjective",
+    "aggregate",
+    "aggregation_normalizer",
     "bradley_terry_loss",
     "clipped_value_loss",
     "entropy_from_logits",
@@ -40,7 +51,10 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "per_token_rewards",
+    "policy_objective",
+    "ppo_minibatch_loss",
     "ppo_policy_loss",
     "sample_tokens",
     "token_logprobs",
+    "value_objective",
 ]

@@ -1,4 +1,5 @@
-"""Generalised advantage estimation for one response per row."""
+"""Generalised advantage estimation: one response per row (text), or rows of environment steps
+holding several episodes (control)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,40 @@ from torch import Tensor
 
 
 def gae(
-    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
+    rewards: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    gamma: float,
+    lam: float,
+    dones: Tensor | None = None,
+    next_value: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016, "High-Dimensional Continuous
     Control Using Generalized Advantage Estimation", eq. 11-16).
-    delta_t = r_t + gamma * V_{t+1} - V_t ;  A_t = sum_l (gamma*lam)^l delta_{t+l}
+    delta_t = r_t + gamma * V_{t+1} * (1 - done_t) - V_t
+    A_t = delta_t + gamma * lam * (1 - done_t) * A_{t+1}     (= sum_l (gamma*lam)^l delta_{t+l}
+                                                               within one episode)
     R_t = A_t + V_t
     Returns (advantages, returns), both [B, T]; positions where mask == 0 are zero.
 
-    The response fills the mask == 1 positions from position 0 (right padding); the episode ends
-    at its last token, so V after it is 0 (terminal, no bootstrap). Inputs are used as constants:
-    call under torch.no_grad() with detached values.
+    Rows are sequences, columns time. done_t = 1 where the episode ended at step t: the state after
+    it is terminal, so V_{t+1} is not used and the recursion restarts (A_t = delta_t with next
+    value 0); a row may hold several episodes (rows = environments, as cleanrl's ppo.py).
+    dones: [B, T] or None (no episode ends inside the valid positions). next_value: [B], V(s_T) of
+    the state after the last column, bootstrapped where the row's last step did not end its
+    episode (a rollout cut by the horizon); None = 0.
+
+    Text RLHF, the default call: the response fills the mask == 1 positions from position 0 (right
+    padding) and its episode ends at its last token, so V after it is 0 (terminal, no bootstrap).
+    This is the special case dones = 1 at the last valid token, next_value = 0. More generally, a
+    valid position followed by padding sees V_{t+1} = 0 and A_{t+1} = 0, so next_value is only
+    used by rows whose last column is valid.
+
+    A time-limit truncation inside a row is not a true terminal: the caller adds
+    gamma * V(final obs) to r_t and sets done_t = 1, the usual trick (Huang et al. 2022, "The 37
+    Implementation Details of PPO", detail 5 "Generalized Advantage Estimation" on bootstrapping
+    non-terminal ends). Inputs are used as constants: call under torch.no_grad() with detached
+    values.
     """
     valid = mask.bool()
     # detail: padding may hold any value the model produced; it must not leak into valid positions.
@@ -25,14 +49,15 @@ def gae(
     values = torch.where(valid, values, 0)
     batch, length = rewards.shape
     advantages = torch.zeros_like(values)
-    next_value = values.new_zeros(batch)
+    next_values = values.new_zeros(batch) if next_value is None else next_value.to(values.dtype)
     next_advantage = values.new_zeros(batch)
     for t in reversed(range(length)):
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        # detail: zeroing at padding restarts the recursion, so the last valid token sees
-        # V_{t+1} = 0 and A_{t+1} = 0: the episode is terminal there.
-        next_advantage = torch.where(valid[:, t], delta + gamma * lam * next_advantage, 0)
+        nonterminal = 1.0 if dones is None else 1.0 - dones[:, t].to(values.dtype)
+        delta = rewards[:, t] + gamma * next_values * nonterminal - values[:, t]
+        # detail: zeroing at padding restarts the recursion, so a valid token followed by padding
+        # sees V_{t+1} = 0 and A_{t+1} = 0: the episode is terminal there.
+        next_advantage = torch.where(valid[:, t], delta + gamma * lam * nonterminal * next_advantage, 0)
         advantages[:, t] = next_advantage
-        next_value = values[:, t]
+        next_values = values[:, t]
     returns = torch.where(valid, advantages + values, 0)
     return advantages, returns
