@@ -27,7 +27,7 @@ def ppo_args(exports, *extra):
 def actor_critic(exports, tiny_spec):
     torch.manual_seed(0)
     return load_actor_critic(tiny_spec, _tokenizer(tiny_spec), PolicySpec(str(exports / "sft" / "export")),
-                             ValueSpec("auto"), RewardSpec(path=str(exports / "rm" / "export")))
+                             value=ValueSpec("auto"), reward=RewardSpec(path=str(exports / "rm" / "export")))
 
 
 def _tokenizer(spec):
@@ -63,9 +63,10 @@ def test_shared_base_roles_and_kl_is_exactly_zero_at_step_0(actor_critic, export
     assert not any(".reward." in n for n in names)
     stage = _stage(model)
     batch = next(iter(stage.datamodule.train_dataloader()))
-    roll = stage.rollout(batch["prompt_ids"], batch["prompt_text"])
+    ppo_batch = stage.rollout(batch["prompt_ids"], batch["prompt_text"])
+    roll = ppo_batch.rollout
     assert torch.equal(roll.logprobs * roll.mask, roll.ref_logprobs * roll.mask)  # a fresh adapter is the identity
-    assert roll.kl.abs().sum().item() == 0.0
+    assert ppo_batch.kl.abs().sum().item() == 0.0
     # the value function starts from the reward model: same adapter weights, same head
     rm_head = load_file(exports / "rm" / "export" / "score_head.safetensors")
     assert torch.equal(model.value_head.linear.weight, rm_head["linear.weight"])
@@ -77,7 +78,7 @@ def test_python_reward_function_composes_with_the_reward_model(actor_critic):
     batch = next(iter(stage.datamodule.train_dataloader()))
     roll = stage.rollout(batch["prompt_ids"], batch["prompt_text"])
     assert set(roll.components) == {"reward_model", "length_words"}
-    expected_words = torch.tensor([float(len(t.split())) for t in roll.texts])
+    expected_words = torch.tensor([float(len(t.split())) for t in roll.rollout.texts])
     assert torch.equal(roll.components["length_words"], expected_words)
     torch.testing.assert_close(roll.scores, 0.5 * roll.components["reward_model"] - 0.1 * expected_words)
 
@@ -112,6 +113,39 @@ def test_one_optimizer_step_per_minibatch_and_gradients_are_clipped(actor_critic
     assert max(norms_at_step) <= 1e-3 * 1.0001  # ... and every step saw it clipped
 
 
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean"])
+def test_micro_batches_give_exactly_the_minibatch_gradient(actor_critic, monkeypatch, aggregation):
+    """Each micro-batch is normalised by the whole minibatch's count, so accumulating micro-batches of 1 or 2
+    rows gives the gradient of one pass over the minibatch (weighting by row share gave a per-sequence mean)."""
+    gradients = {}
+    for micro in (None, 1, 2):
+        stage = _stage(actor_critic, ppo={"epochs": 1, "num_minibatches": 1, "micro_batch_size": micro,
+                                          "loss_aggregation": aggregation, "entropy_coef": 0.01}, max_grad_norm=None)
+        optimizer = stage.configure_optimizers()["optimizer"]
+        named = [(n, p) for g in optimizer.param_groups for n, p in zip(range(len(g["params"])), g["params"])]
+
+        class Capture:  # records the gradient the step would apply, and does not step: the model stays as it is
+            def __init__(self, opt):
+                self.optimizer = opt
+
+            def zero_grad(self):
+                self.optimizer.zero_grad()
+
+            def step(self):
+                gradients[micro] = [p.grad.clone() for _, p in named if p.grad is not None]
+
+        monkeypatch.setattr(stage, "optimizers", lambda opt=optimizer: Capture(opt))
+        monkeypatch.setattr(stage, "lr_schedulers", lambda: None)
+        monkeypatch.setattr(stage, "manual_backward", lambda loss: loss.backward())
+        batch = next(iter(stage.datamodule.train_dataloader()))
+        stage.update(stage.rollout(batch["prompt_ids"], batch["prompt_text"]))
+        optimizer.zero_grad()
+    assert len(gradients[None]) == len(gradients[1]) > 0
+    for micro in (1, 2):
+        for whole, accumulated in zip(gradients[None], gradients[micro]):
+            torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-7)
+
+
 def test_early_stop_on_approx_kl_skips_the_remaining_updates(actor_critic, monkeypatch):
     stage = _stage(actor_critic, ppo={"epochs": 4, "num_minibatches": 2, "max_approx_kl": 1e-12},
                    optim={"lr": 0.05})
@@ -135,46 +169,49 @@ def test_early_stop_on_approx_kl_skips_the_remaining_updates(actor_critic, monke
     monkeypatch.setattr(stage, "clip_gradients", lambda *a, **k: None)
     batch = next(iter(stage.datamodule.train_dataloader()))
     stats = stage.update(stage.rollout(batch["prompt_ids"], batch["prompt_text"]))
-    # the first minibatch sees ratio 1 (approx-KL 0); after one step the policy has moved: stop there
-    assert stats["policy/optimizer_steps"] == 2.0
+    # the first minibatch sees ratio 1 (approx-KL 0) and steps; the second sees the moved policy, exceeds
+    # max_approx_kl and stops the update *without* taking its own step
+    assert stats["policy/optimizer_steps"] == 1.0 and stats["policy/early_stopped"] == 1.0
 
 
 def test_value_init_reward_needs_a_shared_base(exports, tiny_spec):
     with pytest.raises(UserError, match="value.init: 'reward' needs a reward model on the policy's base"):
         load_actor_critic(tiny_spec, _tokenizer(tiny_spec), PolicySpec(str(exports / "sft" / "export")),
-                          ValueSpec("reward"), RewardSpec(path=str(exports / "rm_raw_base" / "export")))
+                          value=ValueSpec("reward"), reward=RewardSpec(path=str(exports / "rm_raw_base" / "export")))
 
 
 def test_reward_model_on_another_base_is_loaded_separately(exports, tiny_spec):
     model = load_actor_critic(tiny_spec, _tokenizer(tiny_spec), PolicySpec(str(exports / "sft" / "export")),
-                              ValueSpec("auto"), RewardSpec(path=str(exports / "rm_raw_base" / "export")))
+                              value=ValueSpec("auto"), reward=RewardSpec(path=str(exports / "rm_raw_base" / "export")))
     assert not model.shares_reward_base and model.separate_reward is not None
     assert model.value_head.linear.weight.abs().sum().item() == 0.0  # fresh value head
     stage = _stage(model)
     batch = next(iter(stage.datamodule.train_dataloader()))
     roll = stage.rollout(batch["prompt_ids"], batch["prompt_text"])
-    expected = model.separate_reward.score(batch["prompt_text"], roll.texts)
+    expected = model.separate_reward.score(batch["prompt_text"], roll.rollout.texts)
     torch.testing.assert_close(roll.components["reward_model"], expected)
 
 
 def test_an_sft_export_given_as_the_reward_model_is_refused(exports, tiny_spec):
     with pytest.raises(UserError, match=r"reward.path: .* is a causal_lm export \(from stage 'sft'\), not a reward model"):
-        load_actor_critic(tiny_spec, _tokenizer(tiny_spec), PolicySpec(None), ValueSpec("auto"),
-                          RewardSpec(path=str(exports / "sft" / "export")))
+        load_actor_critic(tiny_spec, _tokenizer(tiny_spec), PolicySpec(None), value=ValueSpec("auto"),
+                          reward=RewardSpec(path=str(exports / "sft" / "export")))
 
 
-def test_tripwires(actor_critic):
-    from lightrlhf.training.alerts import AlertSpec
+def test_tripwires():
+    from lightrlhf.training.alerts import AlertSpec, Tripwires
 
-    stage = _stage(actor_critic, alerts=AlertSpec(length_drift=0.5, eos_collapse=0.5, kl_multiple=2.0))
-    stage.baseline = {"score_mean": 0.0, "score_std": 1.0, "length_mean": 10.0, "frac_ended_with_eos": 0.9}
+    tripwires = Tripwires(AlertSpec(length_drift=0.5, eos_collapse=0.5, kl_multiple=2.0), kl_target=4.0)
+    tripwires.baseline = {"score_mean": 0.0, "score_std": 1.0, "length_mean": 10.0, "frac_ended_with_eos": 0.9}
     calm = {"reward/length_mean": 12.0, "objective/scores": 0.5, "reward/frac_ended_with_eos": 0.9, "objective/kl": 1.0}
-    assert stage.check_alerts(calm) == {"alerts/length_drift": 0.0, "alerts/eos_collapse": 0.0, "alerts/kl_exceeded": 0.0}
+    assert tripwires.check(calm, 1) == ({"alerts/length_drift": 0.0, "alerts/eos_collapse": 0.0,
+                                         "alerts/kl_exceeded": 0.0}, False)
     hacked = {"reward/length_mean": 16.0, "objective/scores": 1.5, "reward/frac_ended_with_eos": 0.3, "objective/kl": 13.0}
-    assert stage.check_alerts(hacked) == {"alerts/length_drift": 1.0, "alerts/eos_collapse": 1.0, "alerts/kl_exceeded": 1.0}
+    assert tripwires.check(hacked, 2) == ({"alerts/length_drift": 1.0, "alerts/eos_collapse": 1.0,
+                                           "alerts/kl_exceeded": 1.0}, False)
     # longer but *not* rewarded more is not length hacking
-    assert stage.check_alerts({**hacked, "objective/scores": -0.1})["alerts/length_drift"] == 0.0
-    assert stage.alerts_fired == {"length_drift": 1, "eos_collapse": 2, "kl_exceeded": 2}
+    assert tripwires.check({**hacked, "objective/scores": -0.1}, 3)[0]["alerts/length_drift"] == 0.0
+    assert tripwires.fired == {"length_drift": 1, "eos_collapse": 2, "kl_exceeded": 2}
 
 
 def test_a_reward_component_given_by_target_in_the_config_is_built_and_weighted(tmp_path):
@@ -191,35 +228,32 @@ def test_a_reward_component_given_by_target_in_the_config_is_built_and_weighted(
     assert brevity.weight == -0.05 and brevity.fn(["explain river rain :"], ["the river .", "a b c d"]) == [3.0, 4.0]
 
 
-def test_alerts_stop_switch_ends_the_run_cleanly(actor_critic):
-    from types import SimpleNamespace
+def test_alerts_stop_switch_asks_the_run_to_stop():
+    from lightrlhf.training.alerts import AlertSpec, Tripwires
 
-    from lightrlhf.training.alerts import AlertSpec
-
-    stage = _stage(actor_critic, alerts=AlertSpec(kl_multiple=2.0, stop=True))
-    stage.baseline = {"score_mean": 0.0, "score_std": 1.0, "length_mean": 10.0, "frac_ended_with_eos": 0.9}
-    trainer = SimpleNamespace(should_stop=False)
-    stage._trainer = trainer
+    tripwires = Tripwires(AlertSpec(kl_multiple=2.0, stop=True), kl_target=4.0)
+    tripwires.baseline = {"score_mean": 0.0, "score_std": 1.0, "length_mean": 10.0, "frac_ended_with_eos": 0.9}
     calm = {"reward/length_mean": 10.0, "objective/scores": 0.5, "reward/frac_ended_with_eos": 0.9, "objective/kl": 1.0}
-    stage.check_alerts(calm)
-    assert trainer.should_stop is False
-    stage.check_alerts({**calm, "objective/kl": 9.0})  # 9 > 2 x kl.target (4)
-    assert trainer.should_stop is True
+    assert tripwires.check(calm, 1)[1] is False
+    assert tripwires.check({**calm, "objective/kl": 9.0}, 2)[1] is True  # 9 > 2 x kl.target (4)
+    assert Tripwires(AlertSpec(stop=False), 4.0).check({**calm, "objective/kl": 9.0}, 2)[1] is False
 
 
-def test_shaped_score_is_normalised_penalised_for_missing_eos_then_clipped(actor_critic):
-    """shaped = clip((score - mean) / std - penalty * [no EOS], -clip, clip), the statistics being the SFT
-    policy's scores (here set by hand: mean 2, std 2)."""
-    spec = RewardSpec(path="unused", clip=1.5, missing_eos_penalty=1.0)
-    stage = _stage(actor_critic, reward=spec)
-    stage.normalizer.update(torch.tensor([0.0, 4.0]))  # mean 2, population std 2
-    scores = torch.tensor([2.0, 4.0, 4.0, 10.0, -6.0])
-    ended = torch.tensor([True, True, False, True, True])
-    shaped = stage.shape_scores(scores, ended)
-    torch.testing.assert_close(shaped, torch.tensor([0.0, 1.0, 0.0, 1.5, -1.5]), atol=1e-6, rtol=0)
-    raw = _stage(actor_critic, reward=RewardSpec(path="unused", clip=None, missing_eos_penalty=0.5,
-                                                   normalize=NormalizeSpec(enabled=False)))
-    torch.testing.assert_close(raw.shape_scores(scores, ended), torch.tensor([2.0, 4.0, 3.5, 10.0, -6.0]))
+def test_shaped_score_is_normalised_clipped_then_penalised_for_missing_eos():
+    """shaped = clip((score - mean) / std, -clip, clip) - penalty * [no EOS], the statistics being the SFT
+    policy's scores (here set by hand: mean 2, std 2). The penalty comes after the clip, so a response far
+    above the clip still pays it (the fourth and sixth rows: with the penalty first they kept 1.5)."""
+    from lightrlhf.rewards.scorer import Scorer
+
+    scorer = Scorer(RewardSpec(path=None, components={"x": Component(length_words)}, clip=1.5, missing_eos_penalty=1.0))
+    scorer.calibrate(torch.tensor([0.0, 4.0]))  # mean 2, population std 2
+    scores = torch.tensor([2.0, 4.0, 4.0, 10.0, -6.0, 10.0, -6.0])
+    ended = torch.tensor([True, True, False, True, True, False, False])
+    torch.testing.assert_close(scorer.shape(scores, ended), torch.tensor([0.0, 1.0, 0.0, 1.5, -1.5, 0.5, -2.5]),
+                               atol=1e-6, rtol=0)
+    raw = Scorer(RewardSpec(path=None, components={"x": Component(length_words)}, clip=None, missing_eos_penalty=0.5,
+                            normalize=NormalizeSpec(enabled=False)))
+    torch.testing.assert_close(raw.shape(scores, ended), torch.tensor([2.0, 4.0, 3.5, 10.0, -6.0, 9.5, -6.5]))
 
 
 @pytest.mark.slow
@@ -239,6 +273,15 @@ def test_ppo_run_checkpoint_holds_adapters_and_stage_state_not_the_base(exports,
     assert record["global_step"] == 3 * 4 * 2 and record["metrics"]["progress/rollouts"] == 3.0
     manifest = json.loads((run_dir / "export" / "lightrlhf.json").read_text())
     assert manifest["stage"] == "ppo" and (run_dir / "export" / "adapter_model.safetensors").is_file()
+    # objective/kl_coef is the beta that rollout's rewards were built with (logged before the controller
+    # moves it): 0.05 at the first rollout, then Ziegler et al.'s update from the previous rollout's KL
+    beta, kl = [v for _, v in scalar_curve(run_dir, "objective/kl_coef")], [v for _, v in scalar_curve(run_dir, "objective/kl")]
+    assert len(beta) == 3 and beta[0] == pytest.approx(0.05, rel=1e-7)
+    for i in range(2):
+        expected = beta[i] * (1 + min(max(kl[i] / 4.0 - 1, -0.2), 0.2) * 8 / 10000)
+        assert beta[i + 1] == pytest.approx(expected, rel=1e-6) and beta[i + 1] != beta[i]
+    assert state["kl_controller"]["value"] == pytest.approx(beta[2] * (1 + min(max(kl[2] / 4.0 - 1, -0.2), 0.2) * 8 / 10000),
+                                                            rel=1e-6)
 
 
 @pytest.mark.slow
@@ -302,3 +345,14 @@ def test_dropout_stays_off_even_when_lightning_switches_to_train_mode(actor_crit
         for (_, adapter), (module, dropout) in originals.items():
             module.lora_dropout[adapter] = dropout
         actor_critic.train()
+
+
+@pytest.mark.slow
+def test_a_reward_function_breaking_its_contract_is_one_line_and_exit_2(exports, tmp_path):
+    """operator.concat(prompts, completions) is a plausible slip: a list, but of 2N strings."""
+    echo = ("+reward.components.echo={_target_: lightrlhf.rewards.spec.Component, "
+            "fn: {_target_: operator.concat, _partial_: true}}")
+    done = train_cli(ppo_args(exports, echo, f"hydra.run.dir={tmp_path / 'run'}"))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == ["error: reward.components.echo (_operator.concat): returned 16 values for "
+                                        "8 completions (one number per completion is required)"]

@@ -4,6 +4,7 @@
     reference = the base with every adapter off
     policy    = a fresh LoRA adapter "policy" (B = 0: at step 0 it *is* the reference, KL = 0)
     value     = adapter "value" + a scalar head, initialised from the reward model's adapter and head
+                (built only for a method with a critic: PPO; GRPO and RLOO have none)
     reward    = adapter "reward" + head from the reward-model export, frozen
 
 Peak memory is one copy of the base plus small adapters and activations, not four models. This is
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 from safetensors.torch import load_file
+import torch
 from torch import Tensor, nn
 
 from lightrlhf.errors import UserError
@@ -47,6 +49,8 @@ from lightrlhf.models.reward import (
     reward_manifest,
 )
 from lightrlhf.models.spec import ModelSpec
+from lightrlhf.rewards.scorer import RewardModelFn, Samples
+from lightrlhf.rollouts.rollout import chunks
 from lightrlhf.validation import one_of
 
 log = logging.getLogger(__name__)
@@ -73,27 +77,34 @@ class ValueSpec:
 
 
 class ActorCritic(nn.Module):
-    def __init__(self, module: nn.Module, value_head: ScoreHead, reward_head: ScoreHead | None, tokenizer,
+    def __init__(self, module: nn.Module, value_head: ScoreHead | None, reward_head: ScoreHead | None, tokenizer,
                  base: BaseIdentity, separate_reward: RewardModel | None = None):
         super().__init__()
         self.module, self.value_head, self.reward_head = module, value_head, reward_head
         self.tokenizer, self.base, self.separate_reward = tokenizer, base, separate_reward
-        self._trainable = (adapter_parameter_names(module, POLICY) + adapter_parameter_names(module, VALUE))
+        self._trainable = adapter_parameter_names(module, POLICY)
+        if value_head is not None:
+            self._trainable += adapter_parameter_names(module, VALUE)
         self._set_trainable_by_role()
+
+    @property
+    def has_critic(self) -> bool:
+        return self.value_head is not None
 
     def _set_trainable_by_role(self) -> None:
         trainable = set(self._trainable)
         for name, param in self.module.named_parameters():
             param.requires_grad_(name in trainable)
-        self.value_head.requires_grad_(True)
+        if self.value_head is not None:
+            self.value_head.requires_grad_(True)
         if self.reward_head is not None:
             self.reward_head.requires_grad_(False)
         if self.separate_reward is not None:
             self.separate_reward.requires_grad_(False)
 
     def trainable_parameter_names(self) -> list[str]:
-        return ([f"module.{n}" for n in self._trainable] +
-                [f"value_head.{n}" for n, _ in self.value_head.named_parameters()])
+        head = [] if self.value_head is None else [f"value_head.{n}" for n, _ in self.value_head.named_parameters()]
+        return [f"module.{n}" for n in self._trainable] + head
 
     def policy_parameter_names(self) -> list[str]:
         return [f"module.{n}" for n in adapter_parameter_names(self.module, POLICY)]
@@ -120,6 +131,8 @@ class ActorCritic(nn.Module):
 
     def values(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """V at every position [B, T] (the value of the state *after* reading that token)."""
+        if self.value_head is None:
+            raise RuntimeError("this actor was built without a critic (load_actor_critic(critic=False))")
         with active_adapter(self.module, VALUE):
             hidden = backbone_of(self.module)(input_ids=input_ids, attention_mask=attention_mask,
                                               position_ids=positions_from_mask(attention_mask),
@@ -135,14 +148,28 @@ class ActorCritic(nn.Module):
         with active_adapter(self.module, REWARD):
             return self.reward_head(last_token_hidden(backbone_of(self.module), input_ids, attention_mask))
 
+    def reward_model(self, forward_batch_size: int | None = None) -> RewardModelFn | None:
+        """The reward model as the scorer calls it (None when the reward is Python functions only):
+        the shared-base adapter on the token ids, or the separate model on re-tokenised text."""
+        if self.reward_head is not None:
+            def shared(samples: Samples) -> Tensor:
+                rows = chunks(samples.sequences.shape[0], forward_batch_size)
+                return torch.cat([self.reward_scores(samples.sequences[r], samples.attention_mask[r]) for r in rows])
+            return shared
+        if self.separate_reward is not None:
+            return lambda samples: self.separate_reward.score(samples.raw_prompts, samples.texts)
+        return None
+
     def train(self, mode: bool = True) -> ActorCritic:
         # detail: PPO runs with dropout off, in rollouts *and* updates, so the first epoch's ratio
         # is exactly 1 and the KL to the reference is computed between the same functions.
         return super().train(False)
 
 
-def load_actor_critic(spec: ModelSpec, tokenizer, policy: PolicySpec, value: ValueSpec, reward) -> ActorCritic:
-    """Config target for the PPO stage (`reward` is a `lightrlhf.rewards.spec.RewardSpec`)."""
+def load_actor_critic(spec: ModelSpec, tokenizer, policy: PolicySpec, reward, value: ValueSpec | None = None,
+                      critic: bool = True) -> ActorCritic:
+    """Config target of the online stages (`reward` is a `lightrlhf.rewards.spec.RewardSpec`).
+    `critic=false` (GRPO, RLOO, best-of-n) builds no value adapter and no value head."""
     from peft import get_peft_model
 
     base_spec = spec if policy.init is None else replace(spec, name_or_path=policy.init)
@@ -165,7 +192,11 @@ def load_actor_critic(spec: ModelSpec, tokenizer, policy: PolicySpec, value: Val
             separate = RewardModel.from_pretrained(reward.path, dtype=spec.dtype)
             log.warning("reward model %s was trained on another base (%s); loading it separately and scoring "
                         "re-tokenised text", reward.path, meta["base"]["name_or_path"])
-    init = value.init
+    if not critic:
+        module.set_adapter(POLICY)
+        module.base_model.model.config.use_cache = False
+        return ActorCritic(module, None, reward_head, tokenizer, identity, separate)
+    init = (value or ValueSpec()).init
     if init == "reward" and reward_head is None:
         raise UserError("config value.init: 'reward' needs a reward model on the policy's base "
                         f"(reward.path={reward.path}); use value.init=fresh or auto")

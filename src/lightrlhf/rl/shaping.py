@@ -1,4 +1,5 @@
-"""Per-token rewards for RLHF: a KL penalty on every token, the reward model's score at the end."""
+"""Reward shaping for RLHF: the shaped sequence score, and per-token rewards (a KL penalty on every
+token, the shaped score at the last one)."""
 
 from __future__ import annotations
 
@@ -24,3 +25,15 @@ def per_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) 
     rewards = torch.where(valid, -kl_coef * kl, 0)
     score = torch.where(valid.any(dim=-1), scores.to(rewards.dtype), 0)
     return rewards.scatter_add(-1, last_valid_index(mask).unsqueeze(-1), score.unsqueeze(-1))
+
+
+def shape_scores(normalized: Tensor, ended_with_eos: Tensor, clip: float | None, missing_eos_penalty: float) -> Tensor:
+    """s = clip(z, -c, c) - p * [response did not end with EOS],  z the normalised score.
+
+    The penalty comes after the clip so that it always bites: subtracted first, a response scoring
+    above c + p would be clipped back to c and lose nothing for never ending (truncation is what
+    the penalty exists to discourage; Huang et al. 2024, "The N+ Implementation Details of RLHF
+    with PPO", on TRL's missing_eos_penalty). normalized, ended_with_eos: [B]. Returns [B].
+    """
+    shaped = normalized if clip is None else normalized.clamp(-clip, clip)
+    return shaped - missing_eos_penalty * (~ended_with_eos.bool()).to(shaped.dtype)

@@ -1,0 +1,157 @@
+"""One rollout for every online method: k responses per prompt, with the log-probs they learn from.
+
+    prompts p_1..p_P  --sample k each-->  rows p_1 y_11 .. p_1 y_1k, p_2 y_21, ...   (row = p * k + j)
+
+PPO uses k = 1 and a critic; GRPO and RLOO use k > 1 and compare the k responses of a prompt with
+each other (`Rollout.group_index`); best-of-n and RAFT keep the best of each group. Everything here
+runs without gradient and with dropout off (the policy in its rollout state):
+
+- `logprobs`, `ref_logprobs`: log pi(y_t) of the sampled tokens under the policy and the reference,
+  at the sampling temperature, so that on the first update the importance ratio is exactly 1 and
+  the KL at step 0 is exactly 0.
+- Top-k / top-p: the tokens are drawn from the filtered distribution, but the log-probs are those of
+  the full temperature-scaled distribution (as TRL and OpenRLHF compute them). Filtered log-probs
+  would make the ratio and the KL infinite as soon as the new policy's or the reference's filter
+  drops a sampled token. The cost is that the samples are slightly off-policy (by the filtered
+  mass); keep top_k = 0 and top_p = 1 for training unless that is what you study.
+- `values`: the critic's V at each response position, only for a model with a critic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from lightrlhf.models.generation import decode_responses, left_pad, sample
+from lightrlhf.rl.logprobs import entropy_from_logits, token_logprobs
+from lightrlhf.rollouts.specs import GenerationSpec
+
+
+class PolicyRoles(Protocol):
+    """A policy with its reference on one module (see models/actor_critic.py)."""
+
+    module: Any
+    tokenizer: Any
+    has_critic: bool
+
+    def policy_context(self) -> contextlib.AbstractContextManager: ...
+
+    def reference_context(self) -> contextlib.AbstractContextManager: ...
+
+    def policy_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor: ...
+
+    def reference_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor: ...
+
+    def values(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor: ...
+
+
+@dataclass
+class Responses:
+    """Sampled responses, `group_size` per prompt; [N, R] tensors are over response tokens."""
+
+    sequences: Tensor  # [N, P + R] prompt (left-padded) + response (right-padded)
+    attention_mask: Tensor
+    prompt_width: int
+    responses: Tensor  # [N, R]
+    mask: Tensor  # [N, R] float, 1 on response tokens up to and including EOS
+    ended_with_eos: Tensor  # [N] bool
+    prompts: list[str]  # per row: the prompt as the policy saw it (chat template applied)
+    raw_prompts: list  # per row: the prompt as the data file gave it (for a reward model on another tokenizer)
+    texts: list[str]  # per row: the decoded response
+    group_size: int
+
+    @property
+    def rows(self) -> int:
+        return self.sequences.shape[0]
+
+    @property
+    def group_index(self) -> Tensor:
+        """[N] the prompt each row answers: rows of one group share it."""
+        return torch.arange(self.rows) // self.group_size
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.mask.sum(1)
+
+
+@dataclass
+class Rollout(Responses):
+    """Responses with what online methods learn from, measured without gradient."""
+
+    logprobs: Tensor  # [N, R] log pi(y_t)
+    ref_logprobs: Tensor  # [N, R] log pi_ref(y_t)
+    entropy: Tensor  # [N, R] H(pi(.|y_<t))
+    values: Tensor | None = None  # [N, R] V(y_<=t), only with a critic
+
+
+def repeat_each(items: Sequence, times: int) -> list:
+    """[a, b] -> [a, a, b, b] for times = 2: the row order of a grouped rollout."""
+    return [item for item in items for _ in range(times)]
+
+
+@torch.no_grad()
+def sample_responses(roles: PolicyRoles, prompt_ids: Sequence[Sequence[int]], prompts: Sequence[str],
+                     raw_prompts: Sequence, spec: GenerationSpec, generator: torch.Generator, *, group_size: int = 1,
+                     reference: bool = False, explore_epsilon: float = 0.0) -> Responses:
+    """Sample `group_size` responses per prompt from the policy (or the reference) and decode them."""
+    tok = roles.tokenizer
+    ids, mask = left_pad(repeat_each(prompt_ids, group_size), tok.pad_token_id)
+    explore = explore_epsilon > 0 and not reference
+    gen = sample(roles.module, ids, mask, max_new_tokens=spec.max_new_tokens, eos_token_id=tok.eos_token_id,
+                 pad_token_id=tok.pad_token_id, temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p,
+                 generator=generator, stop_at_eos=not spec.ignore_eos,
+                 model_context=roles.reference_context if reference else roles.policy_context,
+                 mix_model_context=roles.reference_context if explore else None,
+                 mix_epsilon=explore_epsilon if explore else 0.0)
+    return Responses(gen.sequences, gen.attention_mask, ids.shape[1], gen.response_ids, gen.response_mask.float(),
+                     gen.ended_with_eos, repeat_each(prompts, group_size), repeat_each(raw_prompts, group_size),
+                     decode_responses(tok, gen), group_size)
+
+
+def chunks(rows: int, size: int | None) -> list[slice]:
+    """Row slices of at most `size` (all rows at once when None): bounds a forward's memory."""
+    size = size or rows
+    return [slice(i, min(i + size, rows)) for i in range(0, rows, size)]
+
+
+@torch.no_grad()
+def token_statistics(roles: PolicyRoles, responses: Responses, temperature: float, forward_batch_size: int | None,
+                     with_values: bool) -> dict[str, Tensor]:
+    """Policy and reference log-probs, policy entropy (and values) over the response positions."""
+    seq, attn, width = responses.sequences, responses.attention_mask, responses.prompt_width
+    out: dict[str, list[Tensor]] = {"logprobs": [], "ref_logprobs": [], "entropy": [], "values": []}
+    for rows in chunks(seq.shape[0], forward_batch_size):
+        tokens = responses.responses[rows]
+        # the distribution that produced response token t sits at position width - 1 + t
+        logits = roles.policy_logits(seq[rows], attn[rows])[:, width - 1:-1]
+        out["logprobs"].append(token_logprobs(logits, tokens, temperature))
+        out["entropy"].append(entropy_from_logits(logits, temperature))
+        del logits
+        ref = roles.reference_logits(seq[rows], attn[rows])[:, width - 1:-1]
+        out["ref_logprobs"].append(token_logprobs(ref, tokens, temperature))
+        del ref
+        if with_values:
+            out["values"].append(roles.values(seq[rows], attn[rows])[:, width - 1:-1])
+    return {k: torch.cat(v) for k, v in out.items() if v}
+
+
+def scoring_temperature(spec: GenerationSpec) -> float:
+    """The temperature log-probs are taken at: the sampling one (greedy decoding scores at 1)."""
+    return spec.temperature if spec.temperature > 0 else 1.0
+
+
+def roll_out(roles: PolicyRoles, prompt_ids: Sequence[Sequence[int]], prompts: Sequence[str], raw_prompts: Sequence,
+             spec: GenerationSpec, generator: torch.Generator, *, group_size: int = 1,
+             forward_batch_size: int | None = None, with_values: bool = False,
+             explore_epsilon: float = 0.0) -> Rollout:
+    """Sample `group_size` responses per prompt and measure them (see module docstring)."""
+    responses = sample_responses(roles, prompt_ids, prompts, raw_prompts, spec, generator, group_size=group_size,
+                                 explore_epsilon=explore_epsilon)
+    stats = token_statistics(roles, responses, scoring_temperature(spec), forward_batch_size,
+                             with_values and roles.has_critic)
+    return Rollout(**vars(responses), **stats)
