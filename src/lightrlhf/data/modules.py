@@ -118,7 +118,7 @@ class _SourceDataModule(L.LightningDataModule):
 
     kind = ""
 
-    def __init__(self, source: DataSource, tokenizer, batch_size: int = 16, eval_batch_size: int | None = None,
+    def __init__(self, source: DataSource, tokenizer, batch_size: int, eval_batch_size: int | None = 64,
                  num_workers: int = 0, seed: int = 0):
         super().__init__()
         positive("batch_size", batch_size)
@@ -259,7 +259,7 @@ class PromptDataModule(_SourceDataModule):
 
     kind = "prompt"
 
-    def __init__(self, source: DataSource, tokenizer, batch_size: int = 64, eval_batch_size: int | None = None,
+    def __init__(self, source: DataSource, tokenizer, batch_size: int = 64, eval_batch_size: int | None = 128,
                  num_workers: int = 0, seed: int = 0, max_eval_prompts: int | None = None):
         super().__init__(source, tokenizer, batch_size, eval_batch_size, num_workers, seed)
         self.max_eval_prompts = max_eval_prompts

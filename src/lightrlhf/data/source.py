@@ -30,6 +30,8 @@ class DataSource:
     """
 
     path: str
+    max_length: int  # prompt + response tokens; no default: each data YAML states its own
+    max_prompt_length: int  # prompts are cut from the left to this many tokens; likewise
     validation_path: str | None = None
     val_fraction: float = 0.05
     split_seed: int = 0
@@ -39,8 +41,6 @@ class DataSource:
     strict: bool = False  # ties and empty responses are errors instead of being dropped and counted
     drop_duplicates: bool = False
     margin_from_scores: bool = False  # preference data with scores: use score_chosen - score_rejected
-    max_length: int = 512  # prompt + response tokens
-    max_prompt_length: int = 256  # prompts are cut from the left to this many tokens
     evaluator: Evaluator | None = None
 
     def __post_init__(self) -> None:

@@ -1,7 +1,7 @@
-"""What PPO optimises: the reward model's score, plus weighted extra terms, shaped.
+"""The `reward` block of an online method's config: what the scorer (rewards/scorer.py) computes.
 
     score(x, y) = w_rm * RM(x, y) + sum_i w_i * f_i(x, y)             (composite score)
-    s = clip((score - mu) / sigma - eos_penalty * [no EOS], -c, c)      (shaped, added at the last token)
+    s = clip((score - mu) / sigma, -c, c) - eos_penalty * [no EOS]      (shaped, added at the last token)
 
 A component `f_i` is any Python callable `f(prompts: list[str], completions: list[str]) -> list[float]`
 named by `_target_` in the config (with `_partial_: true` when it takes extra settings), so a
@@ -52,7 +52,7 @@ class RewardSpec:
     components: dict[str, Component] = field(default_factory=dict)
     normalize: NormalizeSpec = field(default_factory=NormalizeSpec)
     clip: float | None = 10.0  # clip the shaped score to [-clip, clip]
-    missing_eos_penalty: float = 0.0  # subtracted from the shaped score of responses that hit max_new_tokens
+    missing_eos_penalty: float = 1.0  # subtracted from the shaped score of responses that hit max_new_tokens
 
     def __post_init__(self) -> None:
         require(self.path is not None or bool(self.components), "path",

@@ -69,7 +69,7 @@ class KLSpec:
     coef: float = 0.05
     estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
     adaptive: bool = False
-    target: float = 6.0
+    target: float = 4.0
     horizon: int = 10000
 
     def __post_init__(self) -> None:

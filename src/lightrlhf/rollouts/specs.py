@@ -11,7 +11,7 @@ from lightrlhf.validation import non_negative, positive, require
 class GenerationSpec:
     """How responses are sampled: temperature (0 = greedy), top-k (0 = off), top-p, length."""
 
-    max_new_tokens: int = 32
+    max_new_tokens: int = 24
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0

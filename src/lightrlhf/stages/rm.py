@@ -57,10 +57,12 @@ class RewardModelStage(StageModule):
     default_metric = "val/accuracy"
     stage_name = "rm"
 
-    def __init__(self, model: RewardModel, datamodule: PreferenceDataModule, optim: OptimizerSpec | None = None,
-                 scheduler: SchedulerSpec | None = None, loss: PreferenceLossSpec | None = None,
+    def __init__(self, model: RewardModel, datamodule: PreferenceDataModule,
+                 optim: OptimizerSpec = OptimizerSpec(lr=1.5e-3),
+                 scheduler: SchedulerSpec = SchedulerSpec(name="cosine", warmup_steps=20),
+                 loss: PreferenceLossSpec | None = None,
                  max_grad_norm: float | None = 1.0, head_lr_scale: float = 1.0, numerics: NumericsSpec | None = None):
-        super().__init__(optim or OptimizerSpec(), scheduler or SchedulerSpec(), max_grad_norm, numerics)
+        super().__init__(optim, scheduler, max_grad_norm, numerics)
         positive("head_lr_scale", head_lr_scale)
         self.model, self.datamodule = model, datamodule
         self.loss_spec, self.head_lr_scale = loss or PreferenceLossSpec(), head_lr_scale

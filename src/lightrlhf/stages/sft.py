@@ -54,11 +54,12 @@ class SFTStage(StageModule):
     default_metric = "val/loss"  # what `train.py` returns to a sweeper unless optimized_metric says otherwise
     stage_name = "sft"
 
-    def __init__(self, model: CausalLM, datamodule: SFTDataModule, optim: OptimizerSpec | None = None,
-                 scheduler: SchedulerSpec | None = None, completion_only_loss: bool = True,
-                 max_grad_norm: float | None = 1.0, generation: GenerationSpec | None = None,
-                 eval: EvalSpec | None = None, numerics: NumericsSpec | None = None):
-        super().__init__(optim or OptimizerSpec(), scheduler or SchedulerSpec(), max_grad_norm, numerics)
+    def __init__(self, model: CausalLM, datamodule: SFTDataModule, optim: OptimizerSpec = OptimizerSpec(lr=2e-3),
+                 scheduler: SchedulerSpec = SchedulerSpec(name="cosine", warmup_steps=20),
+                 completion_only_loss: bool = True, max_grad_norm: float | None = 1.0,
+                 generation: GenerationSpec | None = None, eval: EvalSpec | None = None,
+                 numerics: NumericsSpec | None = None):
+        super().__init__(optim, scheduler, max_grad_norm, numerics)
         self.model, self.datamodule = model, datamodule
         self.completion_only_loss = completion_only_loss
         self.generation, self.eval_spec = generation or GenerationSpec(), eval or EvalSpec()

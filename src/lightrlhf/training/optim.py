@@ -16,7 +16,7 @@ from lightrlhf.validation import in_range, non_negative, one_of, positive
 class OptimizerSpec:
     """AdamW (Loshchilov & Hutter 2019). Weight decay applies to matrices only, never to biases/norms."""
 
-    lr: float = 2e-4
+    lr: float  # no default: each stage's YAML states its own
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -45,9 +45,9 @@ class OptimizerSpec:
 class SchedulerSpec:
     """Linear warmup, then constant, cosine or linear decay to `min_lr_ratio * lr`."""
 
-    name: Literal["constant", "cosine", "linear"] = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
+    name: Literal["constant", "cosine", "linear"]  # no default: each stage's YAML states its own
+    warmup_steps: int  # optimizer steps; no default: each stage's YAML states its own
+    min_lr_ratio: float = 0.1
 
     def __post_init__(self) -> None:
         one_of("name", self.name, ("constant", "cosine", "linear"))
