@@ -25,8 +25,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from safetensors.torch import load_file
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from lightrlhf.errors import UserError

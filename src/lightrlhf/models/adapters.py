@@ -30,16 +30,6 @@ def adapter_parameter_names(model: nn.Module, adapter: str) -> list[str]:
     return names
 
 
-def parameters_by_name(model: nn.Module, names: list[str]) -> list[nn.Parameter]:
-    table = dict(model.named_parameters())
-    return [table[n] for n in names]
-
-
-def add_adapter(peft_model, adapter: str, lora_config) -> None:
-    """Add a fresh LoRA adapter (B = 0, so the model's output is unchanged until it trains)."""
-    peft_model.add_adapter(adapter, lora_config)
-
-
 @contextlib.contextmanager
 def active_adapter(peft_model, adapter: str | None) -> Iterator[None]:
     """Run the block with `adapter` active (None: every adapter off, i.e. the bare base).

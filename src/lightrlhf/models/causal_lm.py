@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from lightrlhf.models.adapters import adapter_parameter_names
@@ -68,13 +67,3 @@ def _check_trainable(module: nn.Module, spec: ModelSpec) -> None:
     if not adapter_parameter_names(module, ADAPTER):
         raise ConfigError("model.lora.target_modules",
                           f"matched no module of {spec.name_or_path} ({spec.lora.target_modules!r})")
-
-
-def count_parameters(module: nn.Module, names: list[str] | None = None) -> int:
-    table = dict(module.named_parameters())
-    return sum(table[n].numel() for n in names) if names is not None else sum(p.numel() for p in table.values())
-
-
-@torch.no_grad()
-def dtype_of(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype

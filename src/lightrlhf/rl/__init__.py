@@ -5,6 +5,7 @@ from lightrlhf.rl.kl import kl_abs, kl_k1, kl_k2, kl_k3, kl_penalty
 from lightrlhf.rl.kl_control import AdaptiveKLController, FixedKLController
 from lightrlhf.rl.logprobs import entropy_from_logits, token_logprobs
 from lightrlhf.rl.masked import masked_mean, masked_sum, masked_var, masked_whiten
+from lightrlhf.rl.next_token import filter_logits, sample_tokens
 from lightrlhf.rl.normalize import RunningMeanStd
 from lightrlhf.rl.ppo import (
     PolicyLossResult,
@@ -22,7 +23,6 @@ from lightrlhf.rl.ppo import (
 )
 from lightrlhf.rl.preference import bradley_terry_loss
 from lightrlhf.rl.shaping import last_valid_index, per_token_rewards
-from lightrlhf.rl.next_token import filter_logits, sample_tokens
 
 __all__ = [
     "AdaptiveKLController",

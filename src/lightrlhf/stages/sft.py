@@ -30,12 +30,12 @@ from torchmetrics.text import Perplexity
 from lightrlhf.data.modules import SFTDataModule
 from lightrlhf.models.causal_lm import CausalLM
 from lightrlhf.models.export import export_causal_lm
+from lightrlhf.rollouts.heldout import response_stats, sample_texts
+from lightrlhf.rollouts.specs import EvalSpec, GenerationSpec
 from lightrlhf.stages.base import StageModule
 from lightrlhf.training.numerics import NumericsSpec
 from lightrlhf.training.optim import OptimizerSpec, SchedulerSpec
 from lightrlhf.training.reporting import log_data_summary, markdown_table
-from lightrlhf.rollouts.heldout import response_stats, sample_texts
-from lightrlhf.rollouts.specs import EvalSpec, GenerationSpec
 
 log = logging.getLogger(__name__)
 IGNORE = -100
