@@ -26,6 +26,7 @@ demo: $(STAMP)
 # subprocesses of train.py, which use one core each. The longest tests are collected first and an
 # idle worker takes pending tests from the other (--dist worksteal), so both finish together.
 test: $(STAMP)
+	$(PY) -m ruff check src tests train.py
 	$(PY) -m pytest -n 2 --dist worksteal --durations=15
 
 test-fast: $(STAMP)
