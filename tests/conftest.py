@@ -46,7 +46,7 @@ def run_in_process(overrides: list[str], run_dir: Path):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from lightrlhf.launch.run import run_in
+    from lightrlhf.launch.run import run_stage
 
     run_dir.mkdir(parents=True, exist_ok=True)
     overrides = overrides + [f"paths.output_dir={run_dir}"]
@@ -57,7 +57,7 @@ def run_in_process(overrides: list[str], run_dir: Path):
 
         with open_dict(cfg):
             del cfg["hydra"]
-        return run_in(cfg, run_dir, overrides, choices)
+        return run_stage(cfg, run_dir, overrides, choices)
 
 
 def train_cli(args: list[str], timeout: float = 600, script: list[str] | None = None, env: dict | None = None):

@@ -93,6 +93,9 @@ BAD_INPUTS = [
     (["model=gpt3"], "error: config: In 'train': Could not find 'model/gpt3' Available options in 'model': gpt2 llama3_2_1b qwen2_5_0_5b tiny"),
     (["ckpt_path={d}/none.ckpt"], "error: config ckpt_path: {d}/none.ckpt is not a checkpoint file"),
     (["resume={d}"], "error: resume={d}: no run to resume there (no run.json; is it the directory of a lightrlhf run?)"),
+    (["stage._target_=argparse.Namespace"], "error: config stage._target_: argparse.Namespace does not implement the "
+     "stage contract (lightrlhf.stages.base.Stage): missing default_metric, last_validated_step, final_metrics, export, "
+     "trainable_parameter_names"),
 ]
 
 

@@ -67,7 +67,7 @@ def test_every_config_composes_and_builds(group, option, tmp_path, request):
 
 def _build_stage_parts(plain):
     """A stage node needs its model and data: build them the way `train.py` does."""
-    from lightrlhf.launch.run import build_stage
+    from lightrlhf.launch.parts import build_stage
 
     stage, datamodule = build_stage(plain)
     assert stage.datamodule is datamodule

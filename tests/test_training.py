@@ -13,7 +13,8 @@ import torch
 from conftest import ROOT, compose, run_in_process
 from safetensors.torch import load_file
 
-from lightrlhf.launch.run import build_stage, to_plain
+from lightrlhf.launch.parts import build_stage
+from lightrlhf.launch.run import to_plain
 from lightrlhf.models.causal_lm import load_causal_lm
 
 OVERRIDES = ["stage=sft", "trainer.max_steps=60", "trainer.val_check_interval=30", "callbacks.checkpoint.every_n_steps=30",

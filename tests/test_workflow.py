@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import ROOT, scalar_curve, train_cli, train_with_fault
+from conftest import CONF, ROOT, scalar_curve, train_cli, train_with_fault
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 pytestmark = pytest.mark.slow
@@ -34,6 +35,59 @@ def test_pipeline_killed_in_the_middle_resumes_the_interrupted_step_only(tmp_pat
     assert (run_dir / "sft" / "metrics.json").stat().st_mtime_ns == sft_stamp
     assert "pipeline step rm (resuming)" in resumed.stdout
     assert json.loads((run_dir / "ppo" / "metrics.json").read_text())["status"] == "completed"
+
+
+def _composed(overrides):
+    """What Hydra hands `run`: the config without its own node, the overrides, the group choices."""
+    from hydra import compose
+    from omegaconf import open_dict
+
+    cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    choices = dict(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, overrides, choices
+
+
+def test_a_pipeline_and_its_resume_compose_each_step_once(tmp_path, monkeypatch, caplog):
+    """In this process, as `python train.py` runs it: one composition per step that runs."""
+    import hydra
+    from hydra import initialize_config_dir
+
+    from lightrlhf.launch.record import with_recorded_overrides
+    from lightrlhf.launch.run import run_stage
+
+    run_dir = tmp_path / "demo"
+    tiny = ['pipeline.extra.sft=["trainer.max_steps=4","trainer.val_check_interval=4","stage.eval.num_prompts=8"]',
+            'pipeline.extra.rm=["trainer.max_steps=4","trainer.val_check_interval=4"]',
+            'pipeline.extra.ppo=["stage.rollouts=1","stage.eval.num_prompts=8","stage.datamodule.batch_size=8",'
+            '"reward.normalize.init_rollouts=1","trainer.val_check_interval=1"]',
+            "callbacks.checkpoint.every_n_steps=2", f"paths.output_dir={run_dir}"]
+    compositions = []
+
+    def counting(*args, **kwargs):
+        compositions.append(kwargs.get("overrides"))
+        return real_compose(*args, **kwargs)
+
+    real_compose = hydra.compose
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"), caplog.at_level("INFO", "lightrlhf"):
+        cfg, overrides, choices = _composed(tiny)
+        monkeypatch.setattr(hydra, "compose", counting)
+        run_stage(cfg, run_dir, overrides, choices)
+        assert len(compositions) == 3
+        # killed in the reward-model step: its record and checkpoints are there, not its metrics
+        (run_dir / "rm" / "metrics.json").unlink()
+        shutil.rmtree(run_dir / "ppo")
+        monkeypatch.setattr(hydra, "compose", real_compose)
+        cfg, overrides, choices = _composed(with_recorded_overrides(["train.py", f"resume={run_dir}"])[1:])
+        del compositions[:]
+        monkeypatch.setattr(hydra, "compose", counting)
+        run_stage(cfg, run_dir, overrides, choices)
+    assert len(compositions) == 2, compositions
+    assert f"pipeline step sft already finished: {run_dir / 'sft'}" in caplog.messages
+    assert any(m.startswith("pipeline step rm (resuming): ") for m in caplog.messages)
+    assert all(json.loads((run_dir / s / "metrics.json").read_text())["status"] == "completed" for s in ("rm", "ppo"))
+    assert json.loads((run_dir / "rm" / "run.json").read_text())["launches"] == 2
 
 
 @pytest.mark.parametrize("after_seconds", [1.5, 3.5, 5.5])

@@ -104,18 +104,20 @@ def install(fault: str) -> None:
 
         ppo.gae = gae
     elif name == "nan_gradient_at_step":
-        import lightrlhf.stages.rm as rm
+        import lightrlhf.stages.base as base  # the clipping SFT and RM share (StageModule)
+        from lightrlhf.stages.rm import RewardModelStage
 
-        original_guard = rm.guard_and_clip
+        original_guard = base.guard_and_clip
 
         def guard_and_clip(stage, optimizer, max_grad_norm):
-            count["n"] += 1
-            if count["n"] == int(arg):
-                param = next(p for group in optimizer.param_groups for p in group["params"] if p.grad is not None)
-                param.grad.view(-1)[0] = float("nan")
+            if isinstance(stage, RewardModelStage):
+                count["n"] += 1
+                if count["n"] == int(arg):
+                    param = next(p for group in optimizer.param_groups for p in group["params"] if p.grad is not None)
+                    param.grad.view(-1)[0] = float("nan")
             return original_guard(stage, optimizer, max_grad_norm)
 
-        rm.guard_and_clip = guard_and_clip
+        base.guard_and_clip = guard_and_clip
     elif name == "enospc_on_checkpoint":
         import lightrlhf.callbacks.checkpoint as ckpt_module
         import lightrlhf.io as lio

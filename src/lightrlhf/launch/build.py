@@ -55,7 +55,7 @@ def build(node: Any, key: str, **given: Any) -> Any:
     target = node[TARGET] if callable(node[TARGET]) else locate(str(node[TARGET]), key)
     partial = bool(node.get(PARTIAL, False))
     fields = {k: v for k, v in node.items() if k not in (TARGET, PARTIAL)}
-    params, accepts_any = _parameters(target)
+    params, accepts_any = parameters(target)
     name = getattr(target, "__name__", str(target))
     for k in fields:
         if k not in params and not accepts_any and k not in given:
@@ -110,7 +110,9 @@ def _join(key: str, name: str) -> str:
     return f"{key}.{name}" if key else name
 
 
-def _parameters(target: Any) -> tuple[dict[str, inspect.Parameter], bool]:
+def parameters(target: Any) -> tuple[dict[str, inspect.Parameter], bool]:
+    """The named parameters `target` takes, and whether it also takes any keyword (`**kwargs`, or no
+    signature to read)."""
     try:
         signature = inspect.signature(target)
     except (TypeError, ValueError):
@@ -223,7 +225,7 @@ def validate(node: Any, key: str, given: tuple[str, ...] = ()) -> None:
             validate(v, _join(key, k))
         return
     target = locate(str(node[TARGET]), key)
-    params, accepts_any = _parameters(target)
+    params, accepts_any = parameters(target)
     hints = _type_hints(target)
     name = getattr(target, "__name__", str(target))
     for k, value in node.items():

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lightrlhf.errors import UserError
+from lightrlhf.launch.record import with_recorded_overrides
 
 _NOISE = ("full_key:", "object_type=", "reference_type=", "To append to your config use", "Set the environment variable",
           "Config search path", "provider=")
@@ -49,34 +50,9 @@ def exit_for_user_error(error: UserError) -> None:
     raise SystemExit(error.exit_code)
 
 
-def with_recorded_overrides(argv: list[str]) -> list[str]:
-    """`resume=<dir> stage.rollouts=400`: Hydra composes the config before `run` reads the run's record,
-    and a key of the resumed run's stage or model is unknown to the default ones. The recorded
-    overrides go first, so the first composition already has the run's config groups; the current ones
-    follow and win. A change of an identity group (stage, model, data) is left for `run` to refuse."""
-    from pathlib import Path
-
-    from lightrlhf.launch.run import identity_change, override_key, read_record
-
-    given = argv[1:]
-    resume = [a.split("=", 1)[1] for a in given if a.startswith("resume=")]
-    if not resume or any(a in ("-m", "--multirun") for a in given):
-        return argv
-    overrides = [a for a in given if not a.startswith("-") and "=" in a]
-    try:
-        record = read_record(Path(resume[-1]).expanduser())
-        recorded = {override_key(o): str(o) for o in record.get("overrides", [])}
-        current = {override_key(a) for a in overrides}
-    except Exception:  # no record, an unreadable one, a bad override: `run` or Hydra reports it in one line
-        return argv
-    if identity_change(overrides, record.get("choices", {})) is not None:
-        return argv
-    return argv[:1] + [text for key, text in recorded.items() if key not in current] + given
-
-
 def cli(hydra_main: Callable[[], Any]) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    sys.argv = with_recorded_overrides(sys.argv)
+    sys.argv = with_recorded_overrides(sys.argv)  # resume=<dir>: the run's own overrides first
     try:
         hydra_main()
     except UserError as error:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,14 @@ from omegaconf import DictConfig, OmegaConf
 from lightrlhf.callbacks.checkpoint import RunInterrupted
 from lightrlhf.errors import ConfigError
 from lightrlhf.io import atomic_write_text
+from lightrlhf.launch.record import RUN_RECORD, compose_config, override_key, write_record
+from lightrlhf.launch.report import METRICS_FILE
 
 log = logging.getLogger("lightrlhf")
 SUMMARY_FILE = "summary.json"
+# What runs one step: `run.run_stage(cfg, step_dir, overrides, choices, config_name)`.
+StepRunner = Callable[[DictConfig, Path, list[str], dict[str, Any], str], Any]
+_ABSENT = object()
 
 
 @dataclass(frozen=True)
@@ -63,43 +69,16 @@ class PipelineSpec:
         return cls(steps, extra)
 
 
-def _key(override: str) -> str:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    return OverridesParser.create().parse_override(override).key_or_group
-
-
-def _global_overrides(task_overrides: list[str]) -> list[str]:
-    """Command-line overrides meant for every step (not the pipeline's own keys)."""
-    own = ("stage", "experiment", "resume", "pipeline")
-    return [o for o in task_overrides if _key(o).split(".")[0] not in own]
-
-
-def step_overrides(step: Step, spec: PipelineSpec, run_dir: Path, global_overrides: list[str],
-                   config_name: str) -> list[str]:
-    """The step's own overrides (with `{name}` filled in), the global ones whose key it has, its extras."""
-    from hydra import compose
-
-    directories = {s.name: str(run_dir / s.name) for s in spec.steps}
-    own = [o.format(**directories) for o in step.overrides] + [o.format(**directories) for o in spec.extra.get(step.name, [])]
-    base = compose(config_name=config_name, overrides=own)
-    kept = []
-    for override in global_overrides:
-        key = _key(override)
-        if key.startswith(("+", "~")) or OmegaConf.select(base, key.lstrip("+~"), default="__absent__") != "__absent__":
-            kept.append(override)
-        else:
-            log.info("pipeline step %s: override %s does not apply to it", step.name, override)
-    return own[:len(step.overrides)] + kept + own[len(step.overrides):]
-
-
-def run_pipeline(spec: PipelineSpec, run_dir: Path, task_overrides: list[str], config_name: str) -> float | None:
-    from hydra import compose
-
-    from lightrlhf.launch.run import METRICS_FILE, RUN_RECORD, run_in
-
+def run_pipeline(cfg: DictConfig, run_dir: Path, task_overrides: list[str], choices: dict[str, Any],
+                 config_name: str, run_step: StepRunner) -> float | None:
+    """Run the steps in order, each in its own directory with `run_step`; skip the finished ones."""
+    spec = PipelineSpec.from_config(OmegaConf.to_container(cfg.get("pipeline"), resolve=True) or {})
+    write_record(run_dir, task_overrides, choices, cfg)
     started = time.perf_counter()
     global_overrides = _global_overrides(task_overrides)
+    # every step composes the same config groups as the pipeline: a group override given on the
+    # command line applies to every step, or (no such node: hparams_search) to none
+    groups = {key: _has(cfg, key) for key in choices}
     results: dict[str, dict[str, Any]] = {}
     value = None
     for step in spec.steps:
@@ -109,17 +88,13 @@ def run_pipeline(spec: PipelineSpec, run_dir: Path, task_overrides: list[str], c
             log.info("pipeline step %s already finished: %s", step.name, step_dir)
             results[step.name] = record
             continue
-        overrides = step_overrides(step, spec, run_dir, global_overrides, config_name)
         resuming = (step_dir / RUN_RECORD).exists()
+        step_cfg, overrides, step_choices = compose_step(step, spec, run_dir, global_overrides, groups, config_name)
         log.info("pipeline step %s%s: %s", step.name, " (resuming)" if resuming else "", " ".join(overrides))
-        cfg = compose(config_name=config_name, overrides=overrides + [f"paths.output_dir={step_dir}"],
-                      return_hydra_config=True)
-        choices = dict(cfg.hydra.runtime.choices)
-        cfg = _without_hydra(cfg)
         if resuming:
-            OmegaConf.update(cfg, "resume", str(step_dir), merge=False)
+            OmegaConf.update(step_cfg, "resume", str(step_dir), merge=False)
         try:
-            value = run_in(cfg, step_dir, overrides + [f"paths.output_dir={step_dir}"], choices, config_name)
+            value = run_step(step_cfg, step_dir, overrides, step_choices, config_name)
         except RunInterrupted as interrupted:  # point at the pipeline, which resumes this step
             raise RunInterrupted(str(interrupted).replace(f"resume={step_dir}", f"resume={run_dir}"),
                                  interrupted.exit_code) from None
@@ -132,12 +107,47 @@ def run_pipeline(spec: PipelineSpec, run_dir: Path, task_overrides: list[str], c
     return value
 
 
-def _without_hydra(cfg: DictConfig) -> DictConfig:
-    from omegaconf import open_dict
+def _global_overrides(task_overrides: list[str]) -> list[str]:
+    """Command-line overrides meant for every step (not the pipeline's own keys)."""
+    own = ("stage", "experiment", "resume", "pipeline")
+    return [o for o in task_overrides if override_key(o).split(".")[0] not in own]
 
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+
+def compose_step(step: Step, spec: PipelineSpec, run_dir: Path, global_overrides: list[str],
+                 groups: dict[str, bool], config_name: str) -> tuple[DictConfig, list[str], dict[str, Any]]:
+    """The step's config -- composed once -- with the overrides that make it and its group choices.
+
+    The overrides, a later one winning: the step's own (`{name}` filled in), the global ones that
+    apply to it, its extras, its directory. A global override applies where the step's config has
+    its key. One that picks a config group (`trainer=cpu`) is composed with the step; one that sets
+    a value (`seed=1`, `demo.annotator.length_bias=0.2`) is set on the composed config by Hydra's own
+    rule, as composing with it would -- without composing twice to learn whether the key is there.
+    """
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    directories = {s.name: str(run_dir / s.name) for s in spec.steps}
+    own = [o.format(**directories) for o in step.overrides]
+    extra = [o.format(**directories) for o in spec.extra.get(step.name, [])]
+    extra.append(f"paths.output_dir={run_dir / step.name}")
+    later = {override_key(o) for o in extra}
+    global_overrides = [o for o in global_overrides if override_key(o) not in later]  # the step sets these itself
+    picks = [o for o in global_overrides if groups.get(override_key(o))]
+    cfg, choices = compose_config(own + picks + extra, config_name)
+    kept = []
+    for text in global_overrides:
+        key = override_key(text)
+        if not (groups[key] if key in groups else _has(cfg, key)):
+            log.info("pipeline step %s: override %s does not apply to it", step.name, text)
+            continue
+        if key not in groups:
+            ConfigLoaderImpl._apply_overrides_to_config([OverridesParser.create().parse_override(text)], cfg)
+        kept.append(text)
+    return cfg, own + kept + extra, choices
+
+
+def _has(cfg: DictConfig, key: str) -> bool:
+    return OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT
 
 
 def _read_json(path: Path) -> dict[str, Any]:
