@@ -12,6 +12,10 @@ import pytest
 from conftest import scalar_curve, train_cli
 
 pytestmark = pytest.mark.slow
+# A hang guard, not a speed target: the whole demo takes 2.5 minutes on an idle 2-core machine, but
+# this machine's speed has been measured to vary 2x between days and 25% within the hour, and in the
+# parallel suite it shares the cores with the other worker.
+DEMO_TIMEOUT_S = 1800
 
 
 def test_the_default_demo_meets_its_targets_and_resume_skips_finished_stages(tmp_path):
@@ -20,7 +24,7 @@ def test_the_default_demo_meets_its_targets_and_resume_skips_finished_stages(tmp
     scorer >= 90% of the time, PPO gains >= 1 standard deviation of the SFT policy's gold scores with its
     KL within 2x its target."""
     run_dir = tmp_path / "demo"
-    done = train_cli([f"hydra.run.dir={run_dir}"])
+    done = train_cli([f"hydra.run.dir={run_dir}"], timeout=DEMO_TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "hidden gold score: untrained" in done.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -40,7 +44,7 @@ def test_the_default_demo_meets_its_targets_and_resume_skips_finished_stages(tmp
     assert rm["base"]["name_or_path"] == str(run_dir / "sft" / "export")  # the RM sits on the SFT model
 
     stamps = {s: (run_dir / s / "metrics.json").stat().st_mtime_ns for s in ("sft", "rm", "ppo")}
-    again = train_cli([f"resume={run_dir}"])
+    again = train_cli([f"resume={run_dir}"], timeout=DEMO_TIMEOUT_S)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("already finished") == 3
     assert stamps == {s: (run_dir / s / "metrics.json").stat().st_mtime_ns for s in ("sft", "rm", "ppo")}
@@ -52,7 +56,8 @@ def test_a_length_biased_annotator_provokes_length_hacking_and_the_tripwire_fire
     run_dir = tmp_path / "biased"
     done = train_cli([f"hydra.run.dir={run_dir}", "demo.annotator.length_bias=1.0",
                       'pipeline.extra.rm=["trainer.max_steps=300","trainer.val_check_interval=300"]',
-                      'pipeline.extra.ppo=["stage.rollouts=20","stage.eval.num_prompts=64","trainer.val_check_interval=20"]'])
+                      'pipeline.extra.ppo=["stage.rollouts=20","stage.eval.num_prompts=64","trainer.val_check_interval=20"]'],
+                     timeout=DEMO_TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "alert length_drift at rollout" in done.stderr + done.stdout
     rm = json.loads((run_dir / "rm" / "metrics.json").read_text())["metrics"]
