@@ -173,3 +173,77 @@ def test_ensure_writable_dir_path_under_a_file(tmp_path):
     assert message == f"{path}: cannot write the output directory there (Not a directory)"
     assert "\n" not in message
     assert os.listdir(tmp_path) == ["a_file"]
+
+
+# -- a full disk, for real: a file-size limit makes write() fail (EFBIG) inside the library writing -----
+_FULL_DISK_CHILD = """
+import resource, signal, sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from lightrlhf.errors import UserError
+from lightrlhf.io import atomic_directory, atomic_write, atomic_write_text
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() fails with EFBIG instead of killing the process
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+target, writer = Path(sys.argv[1]), sys.argv[2]
+tensors = {"w": torch.zeros(100_000)}  # 400 kB
+try:
+    if writer == "torch.save":
+        atomic_write(target, lambda f: torch.save(tensors, f))
+    elif writer == "safetensors":
+        with atomic_directory(target) as staging:
+            save_file(tensors, staging / "model.safetensors")
+    else:
+        atomic_write_text(target, "x" * 200_000)
+except UserError as error:
+    print(f"UserError: {error}")
+"""
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "safetensors", "text"])
+def test_a_full_disk_is_a_storage_error_whatever_library_writes(tmp_path, writer):
+    """torch.save reports the failed write as a RuntimeError of its own, safetensors as a SafetensorError:
+    each is one line naming the file, the previous version intact, no temporary file left."""
+    import subprocess
+    import sys
+
+    target = tmp_path / ("export" if writer == "safetensors" else "state.bin")
+    if writer == "safetensors":
+        target.mkdir()
+        (target / "old.txt").write_text("old")
+    else:
+        target.write_text("old")
+    done = subprocess.run([sys.executable, "-c", _FULL_DISK_CHILD, str(target), writer], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == [f"UserError: {target}: cannot write (File too large); nothing was replaced"]
+    assert os.listdir(tmp_path) == [target.name]
+    if writer == "safetensors":
+        assert os.listdir(target) == ["old.txt"]
+    else:
+        assert target.read_text() == "old"
+
+
+def test_write_failure_finds_the_os_error_behind_a_library_error():
+    import errno
+
+    from lightrlhf.io import write_failure
+
+    assert write_failure(KeyboardInterrupt()) is None and write_failure(ValueError("a bug")) is None
+    disk = OSError(errno.ENOSPC, "No space left on device")
+    assert write_failure(disk) is disk
+    assert write_failure(RuntimeError("unexpected pos 64 vs 0"), recorded=disk) is disk
+    try:
+        try:
+            raise disk
+        except OSError as error:
+            raise RuntimeError("wrapped") from error
+    except RuntimeError as wrapped:
+        assert write_failure(wrapped) is disk
+    for message in ("Error while serializing: I/O error: Read-only file system (os error 30)",
+                    "IoError(Os { code: 30, kind: ReadOnlyFilesystem })"):
+        found = write_failure(Exception(message))  # safetensors' SafetensorError
+        assert (found.errno, found.strerror) == (errno.EROFS, os.strerror(errno.EROFS))

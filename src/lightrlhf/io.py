@@ -5,17 +5,25 @@ over the target (`os.replace` is atomic on POSIX), and the directory entry is sy
 the old file or the new one, never a torn mix; a killed writer leaves only a `.tmp-*` file, which
 the next writer ignores. Directories (exports) are built under a temporary name and renamed into
 place the same way.
+
+A write the disk refuses (full, read-only, not permitted, a file-size limit) is a `StorageError`:
+one line naming the file, the previous version left in place, the temporary one removed. Libraries
+do not always say so with an `OSError`: `torch.save` turns a failed write into a `RuntimeError` of its
+own (`[enforce fail at inline_container.cc] unexpected pos ...`) and safetensors into a
+`SafetensorError` (`I/O error: No space left on device (os error 28)`); `write_failure` finds the
+`OSError` behind them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from lightrlhf.errors import UserError
 
@@ -27,6 +35,50 @@ class StorageError(UserError):
 
     def __init__(self, path: str | Path, error: OSError):
         super().__init__(f"{path}: cannot write ({error.strerror or error}); nothing was replaced")
+
+
+class _WatchedFile:
+    """The file handed to a writer: it remembers the `OSError` a write raised, which a library that
+    writes through it (torch.save) may report as an error of its own."""
+
+    def __init__(self, file: BinaryIO):
+        self._file, self.error = file, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+
+# how a library's message names the OSError it wraps: Rust's `(os error 28)` or `Os { code: 28, .. }`
+_OS_CODE = re.compile(r"\(os error (\d+)\)|\bOs \{ code: (\d+)")
+
+
+def write_failure(error: BaseException, recorded: OSError | None = None) -> OSError | None:
+    """The `OSError` behind a failed write, or None when the failure was not the disk's (a bug, Ctrl-C):
+    the error itself, one a write through our file raised (`recorded`), one in its chain of causes,
+    or one a library names in its message."""
+    if not isinstance(error, Exception):
+        return None
+    if isinstance(error, OSError):
+        return error
+    if recorded is not None:
+        return recorded
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        match = _OS_CODE.search(str(seen))
+        if match:
+            code = int(match.group(1) or match.group(2))
+            return OSError(code, os.strerror(code))
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -46,17 +98,20 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
         fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
     except OSError as error:
         raise StorageError(path, error) from None
+    watched = None
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            watched = _WatchedFile(f)
+            write(watched)  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(error, OSError):
-            raise StorageError(path, error) from None
+        cause = write_failure(error, watched.error if watched is not None else None)
+        if cause is not None:
+            raise StorageError(path, cause) from None
         raise
     _fsync_dir(path.parent)
 
@@ -86,15 +141,22 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         yield staging
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(error, OSError):
-            raise StorageError(path, error) from None
+        cause = write_failure(error)
+        if cause is not None:
+            raise StorageError(path, cause) from None
         raise
     old = None
-    if path.exists():
-        old = path.with_name(TMP_PREFIX + path.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(staging, path)
+    try:
+        if path.exists():
+            old = path.with_name(TMP_PREFIX + path.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(staging, path)
+    except OSError as error:
+        if old is not None and not path.exists():
+            os.replace(old, path)  # the previous one goes back
+        shutil.rmtree(staging, ignore_errors=True)
+        raise StorageError(path, error) from None
     _fsync_dir(path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
