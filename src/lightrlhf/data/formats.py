@@ -42,7 +42,7 @@ from lightrlhf.data.messages import (
     text,
 )
 from lightrlhf.data.pairs import PAIRS, read_margin
-from lightrlhf.data.readers import Row, json_type, read_rows
+from lightrlhf.data.readers import MAX_LINE_BYTES, Row, iter_rows, json_type
 from lightrlhf.errors import DataError, UserError
 
 __all__ = ["FORMATS", "LoadReport", "Message", "PreferenceExample", "Prompt", "PromptExample",
@@ -118,7 +118,7 @@ class _Missing(RowProblem):
 
 def load_sft(
     source: str, format: str = "auto", split: str | None = None, strict: bool = False,
-    drop_duplicates: bool = False,
+    drop_duplicates: bool = False, max_line_bytes: int = MAX_LINE_BYTES,
 ) -> tuple[list[SFTExample], LoadReport]:
     def build(fmt: str, row: Row) -> SFTExample:
         prompt, completion = _SFT[fmt](row.values)
@@ -126,12 +126,12 @@ def load_sft(
             raise Drop("empty_response", "the completion is empty")
         return SFTExample(prompt, completion, row.where)
 
-    return _load("sft", source, format, split, strict, drop_duplicates, build)
+    return _load("sft", source, format, split, strict, drop_duplicates, max_line_bytes, build)
 
 
 def load_preferences(
     source: str, format: str = "auto", split: str | None = None, strict: bool = False,
-    drop_duplicates: bool = False, margin_from_scores: bool = False,
+    drop_duplicates: bool = False, margin_from_scores: bool = False, max_line_bytes: int = MAX_LINE_BYTES,
 ) -> tuple[list[PreferenceExample], LoadReport]:
     """margin_from_scores: margin = score_chosen - score_rejected (both required); otherwise the
     optional "margin" field."""
@@ -146,12 +146,12 @@ def load_preferences(
                 raise Drop("empty_response", f"the {name} response is empty")
         return PreferenceExample(prompt, chosen, rejected, margin, row.where)
 
-    return _load("preference", source, format, split, strict, drop_duplicates, build)
+    return _load("preference", source, format, split, strict, drop_duplicates, max_line_bytes, build)
 
 
 def load_prompts(
     source: str, format: str = "auto", split: str | None = None, strict: bool = False,
-    drop_duplicates: bool = False,
+    drop_duplicates: bool = False, max_line_bytes: int = MAX_LINE_BYTES,
 ) -> tuple[list[PromptExample], LoadReport]:
     """Also reads SFT and preference files (their prompts), so one file can serve several stages."""
 
@@ -162,7 +162,7 @@ def load_prompts(
             raise Drop("empty_prompt", "the prompt is empty")
         return PromptExample(prompt, row.where)
 
-    return _load("prompt", source, format, split, strict, drop_duplicates, build)
+    return _load("prompt", source, format, split, strict, drop_duplicates, max_line_bytes, build)
 
 
 Example = TypeVar("Example", SFTExample, PreferenceExample, PromptExample)
@@ -170,14 +170,14 @@ Example = TypeVar("Example", SFTExample, PreferenceExample, PromptExample)
 
 def _load(
     kind: str, source: str, format: str, split: str | None, strict: bool, drop_duplicates: bool,
-    build: Callable[[str, Row], Example],
+    max_line_bytes: int, build: Callable[[str, Row], Example],
 ) -> tuple[list[Example], LoadReport]:
     if format != "auto" and format not in FORMATS[kind]:
         known = ", ".join(FORMATS[kind])
         raise UserError(f'unknown {kind} format "{format}"; known: auto, {known}')
-    rows = read_rows(source, split)
-    examples, dropped, first_seen = [], Counter(), {}
-    for row in rows:
+    examples, dropped, first_seen, rows = [], Counter(), {}, 0
+    for row in iter_rows(source, split, max_line_bytes):  # one row in memory at a time, beside the examples
+        rows += 1
         try:
             if format == "auto":  # the first row decides the format of the file
                 format = _detect(kind, row.values)
@@ -200,8 +200,8 @@ def _load(
         examples.append(example)
     if not examples:
         counts = ", ".join(f"{reason}: {n}" for reason, n in dropped.most_common())
-        raise UserError(f"{source}: all {len(rows)} rows were dropped ({counts})")
-    return examples, LoadReport(source, format, len(rows), len(examples), dict(dropped))
+        raise UserError(f"{source}: all {rows} rows were dropped ({counts})")
+    return examples, LoadReport(source, format, rows, len(examples), dict(dropped))
 
 
 def _detect(kind: str, values: dict[str, Any]) -> str:

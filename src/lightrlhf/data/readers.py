@@ -13,6 +13,13 @@ dataset id (`owner/name` or `owner/name:config`). Every problem with the source 
   because a prompt that starts with `[{` is rare and a broken message list is a common export
   mistake. Other cells, "[INST] ..." included, stay strings.
 - Parquet: read with pyarrow; rows are numbered from 1 (`path:row 12`).
+
+Memory. JSONL (gzipped or not) and CSV are read a line at a time, and `iter_rows` hands out one row
+at a time, so reading takes memory in proportion to the longest row, not to the file. A line (a
+JSON row of a `.json` file) longer than `max_line_bytes` is refused with one line before it is
+decoded or parsed: a single runaway line (a whole dump on one line, a missing newline) would
+otherwise take several times its size at once. A `.json` document and a Parquet file have no lines
+to stream by and are read whole.
 """
 
 from __future__ import annotations
@@ -20,21 +27,23 @@ from __future__ import annotations
 import codecs
 import csv
 import gzip
-import io
 import json
 import re
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from lightrlhf.errors import DataError, UserError
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet")
+MAX_LINE_BYTES = 16 * 1024 * 1024  # data.max_line_bytes' default: far above any real example
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?")
 _FILE_SUFFIX = re.compile(r"\.[A-Za-z]+$")  # "owner/name.txt" is a missing file, not a hub dataset
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 _JSON_CELL = re.compile(r"\s*\[\s*\{")
+_LONE_CR = re.compile(r"(?<=\r)(?!\n)")  # where a line ends at a bare "\r" (csv's newline="" rule)
 
 
 @dataclass(frozen=True)
@@ -43,15 +52,21 @@ class Row:
     where: str  # "path:17", "path:row 12" or "hub:owner/name[train]:row 17"
 
 
-def read_rows(source: str, split: str | None = None) -> list[Row]:
-    """All rows of `source`; `split` applies to hub datasets only (default "train")."""
+def read_rows(source: str, split: str | None = None, max_line_bytes: int = MAX_LINE_BYTES) -> list[Row]:
+    """All rows of `source` (see `iter_rows`)."""
+    return list(iter_rows(source, split, max_line_bytes))
+
+
+def iter_rows(source: str, split: str | None = None, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Row]:
+    """The rows of `source`, one at a time; `split` applies to hub datasets only (default "train")."""
     path = Path(source)
     try:
         exists, is_dir = path.exists(), path.is_dir()
     except (OSError, ValueError) as error:
         raise DataError(source, None, f"cannot read the file ({_first_line(error)})") from None
     if not exists and _HUB_ID.fullmatch(source) and not _FILE_SUFFIX.search(source):
-        return _hub_rows(source, split or "train")
+        yield from _hub_rows(source, split or "train")
+        return
     if is_dir:
         raise DataError(source, None, "is a directory, not a data file")
     if not exists:
@@ -61,16 +76,20 @@ def read_rows(source: str, split: str | None = None) -> list[Row]:
         found = f'"{path.suffix}"' if path.suffix else "(no extension)"
         supported = ", ".join(SUFFIXES)
         raise DataError(source, None, f"unsupported file type {found}; supported: {supported}")
-    data = _read_bytes(path, source)
+    lines = None
     if suffix == ".parquet":
-        rows = _parquet_rows(data, source)
+        rows = _parquet_rows(_read_bytes(path, source), source)
+    elif suffix == ".json":
+        rows = _json_rows(_text(_read_bytes(path, source), source), source, max_line_bytes)
     else:
-        text = _text(_gunzip(data, source) if suffix == ".jsonl.gz" else data, source)
-        read = {".json": _json_rows, ".csv": _csv_rows}.get(suffix, _jsonl_rows)
-        rows = read(text, source)
-    if not rows:
-        raise DataError(source, None, "the file holds no rows")
-    return rows
+        lines = _Lines(path, source, max_line_bytes, gzipped=suffix == ".jsonl.gz", newline=suffix == ".csv")
+        rows = _csv_rows(lines, source) if suffix == ".csv" else _jsonl_rows(lines, source)
+    count = 0
+    for count, row in enumerate(rows, 1):
+        yield row
+    if not count:
+        blank = lines is not None and lines.blank
+        raise DataError(source, None, "the file is empty" if blank else "the file holds no rows")
 
 
 def json_type(value: Any) -> str:
@@ -88,23 +107,73 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def _read_bytes(path: Path, source: str) -> bytes:
+def _open(path: Path, source: str) -> IO[bytes]:
     try:
-        data = path.read_bytes()
+        return path.open("rb")
     except PermissionError:
         raise DataError(source, None, "permission denied") from None
     except OSError as error:
         raise DataError(source, None, f"cannot read the file ({error.strerror or error})") from None
+
+
+def _read_bytes(path: Path, source: str) -> bytes:
+    with _open(path, source) as file:
+        try:
+            data = file.read()
+        except OSError as error:
+            raise DataError(source, None, f"cannot read the file ({error.strerror or error})") from None
     if not data:
         raise DataError(source, None, "the file is empty")
     return data
 
 
-def _gunzip(data: bytes, source: str) -> bytes:
-    try:
-        return gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as error:
-        raise DataError(source, None, f"not a valid gzip file ({_first_line(error)})") from None
+class _Lines:
+    """The decoded lines of a text file (gzipped or not) as (number from 1, text), each checked
+    against `max_line_bytes` while it is read, so a longer one is never held whole. `newline`: keep
+    each line's "\\n" (csv wants it). `blank` stays True while nothing but whitespace was read."""
+
+    def __init__(self, path: Path, source: str, max_line_bytes: int, gzipped: bool, newline: bool = False):
+        self.path, self.source, self.limit, self.gzipped, self.newline = path, source, max_line_bytes, gzipped, newline
+        self.blank = True
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        if self.path.stat().st_size == 0:
+            raise DataError(self.source, None, "the file is empty")
+        with _open(self.path, self.source) as raw:
+            file = gzip.GzipFile(fileobj=raw) if self.gzipped else raw
+            number = 0
+            while line := self._read(file, self.limit + 1):
+                number += 1
+                if len(line) > self.limit and not line.endswith(b"\n"):
+                    raise DataError(self.source, number, f"row of {self._rest(file, len(line))} bytes exceeds "
+                                                         f"data.max_line_bytes={self.limit}")
+                text = self._decode(line, number)
+                del line  # detail: the bytes go before the row is parsed, so a long line is held twice at most
+                self.blank = self.blank and (not text or text.isspace())
+                yield number, text
+
+    def _read(self, file: IO[bytes], size: int) -> bytes:
+        try:
+            return file.readline(size)
+        except (OSError, EOFError, zlib.error) as error:
+            if self.gzipped:
+                raise DataError(self.source, None, f"not a valid gzip file ({_first_line(error)})") from None
+            raise DataError(self.source, None, f"cannot read the file ({error.strerror or error})") from None
+
+    def _rest(self, file: IO[bytes], size: int) -> int:
+        """The length in bytes (newline excluded) of a line whose first `size` bytes were read."""
+        while (piece := self._read(file, 1 << 20)) and not piece.endswith(b"\n"):
+            size += len(piece)
+        return size + max(len(piece) - 1, 0)
+
+    def _decode(self, line: bytes, number: int) -> str:
+        start = len(codecs.BOM_UTF8) if number == 1 and line.startswith(codecs.BOM_UTF8) else 0
+        end = len(line) - (not self.newline and line.endswith(b"\n"))
+        try:
+            return str(memoryview(line)[start:end], "utf-8")  # detail: a view, not a copy of the line
+        except UnicodeDecodeError as error:
+            byte = line[start + error.start]
+            raise DataError(self.source, None, f"not valid UTF-8 (byte 0x{byte:02x} at line {number})") from None
 
 
 def _text(data: bytes, source: str) -> str:
@@ -116,7 +185,7 @@ def _text(data: bytes, source: str) -> str:
         raise DataError(
             source, None, f"not valid UTF-8 (byte 0x{data[error.start]:02x} at line {line})"
         ) from None
-    if not text.strip():
+    if not text or text.isspace():
         raise DataError(source, None, "the file is empty")
     return text
 
@@ -142,13 +211,14 @@ def _json_object(value: Any, source: str, line: int, unit: str = "") -> Row:
     return Row(value, f"{source}:{unit}{line}")
 
 
-def _jsonl_rows(text: str, source: str) -> list[Row]:
-    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other line breaks
-    lines = enumerate(text.split("\n"), 1)
-    return [_json_object(_parse_json(t, source, n), source, n) for n, t in lines if t.strip()]
+def _jsonl_rows(lines: _Lines, source: str) -> Iterator[Row]:
+    # lines end at "\n" only, not at every splitlines() break: JSON strings may hold U+2028 and others
+    for number, text in lines:
+        if text and not text.isspace():
+            yield _json_object(_parse_json(text, source, number), source, number)
 
 
-def _json_rows(text: str, source: str) -> list[Row]:
+def _json_rows(text: str, source: str, max_line_bytes: int) -> list[Row]:
     data = _parse_json(text, source, 1)
     key = None
     if isinstance(data, dict):
@@ -161,20 +231,29 @@ def _json_rows(text: str, source: str) -> list[Row]:
             f"got {json_type(data)}",
         )
     items = data if key is None else data[key]
-    return [_json_object(item, source, line) for item, line in zip(items, _item_lines(text, key))]
+    rows = []
+    for item, (line, start, end) in zip(items, _item_spans(text, key)):
+        # detail: a character is at most 4 bytes in UTF-8, so only a long item is encoded to be measured
+        if 4 * (end - start) > max_line_bytes and (size := len(text[start:end].encode())) > max_line_bytes:
+            raise DataError(source, line, f"row of {size} bytes exceeds data.max_line_bytes={max_line_bytes}")
+        rows.append(_json_object(item, source, line))
+    return rows
 
 
-def _item_lines(text: str, key: str | None) -> list[int]:
-    """The line each item of the top-level list (or of the list under `key`) starts on.
+def _item_spans(text: str, key: str | None) -> list[tuple[int, int, int]]:
+    """(line it starts on, start, end) of each item of the top-level list (or of the list under `key`).
 
     `text` is already known to be valid JSON, so this walk needs no error handling of its own."""
-    decoder, lines, line, counted = json.JSONDecoder(), [], 1, 0
+    decoder, spans, line, counted = json.JSONDecoder(), [], 1, 0
 
     def skip(pos: int) -> int:
         return _JSON_SPACE.match(text, pos).end()
 
-    def after_item(pos: int) -> int:
-        pos = skip(decoder.raw_decode(text, pos)[1])
+    def end_of(pos: int) -> int:
+        return decoder.raw_decode(text, pos)[1]
+
+    def after(end: int) -> int:
+        pos = skip(end)
         return skip(pos + 1) if text[pos] == "," else pos
 
     pos = skip(0)
@@ -184,19 +263,22 @@ def _item_lines(text: str, key: str | None) -> list[int]:
             name, pos = decoder.raw_decode(text, pos)
             pos = skip(skip(pos) + 1)
             start = pos if name == key else start
-            pos = after_item(pos)
+            pos = after(end_of(pos))
         pos = start
     pos = skip(pos + 1)
     while text[pos] != "]":
         line, counted = line + text.count("\n", counted, pos), pos
-        lines.append(line)
-        pos = after_item(pos)
-    return lines
+        end = end_of(pos)
+        spans.append((line, pos, end))
+        pos = after(end)
+    return spans
 
 
-def _csv_rows(text: str, source: str) -> list[Row]:
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header, rows, start = None, [], 1
+def _csv_rows(lines: _Lines, source: str) -> Iterator[Row]:
+    # a bare "\r" ends a line too, as in a file opened with newline="" (what csv expects)
+    physical = (piece for _, text in lines for piece in _LONE_CR.split(text) if piece)
+    reader = csv.reader(physical)
+    header, start = None, 1
     try:
         for record in reader:
             line, start = start, reader.line_num + 1
@@ -210,10 +292,9 @@ def _csv_rows(text: str, source: str) -> list[Row]:
                 raise DataError(source, line, problem, "row ")
             cells = zip(header, record)
             values = {name: _csv_cell(cell, name, source, line) for name, cell in cells}
-            rows.append(Row(values, f"{source}:row {line}"))
+            yield Row(values, f"{source}:row {line}")
     except csv.Error as error:
         raise DataError(source, start, f"invalid CSV ({_first_line(error)})", "row ") from None
-    return rows
 
 
 def _csv_header(record: list[str], source: str, line: int) -> list[str]:

@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from lightrlhf.data.formats import FORMATS
+from lightrlhf.data.readers import MAX_LINE_BYTES
 from lightrlhf.validation import in_range, positive, require
 
 T = TypeVar("T")
@@ -37,10 +39,11 @@ class DataSource:
     split_seed: int = 0
     split: str | None = None  # hub datasets: the split to read (default "train")
     validation_split: str | None = None
-    format: str = "auto"
+    format: str = "auto"  # "auto" or a format of the stage's kind (`formats.FORMATS`)
     strict: bool = False  # ties and empty responses are errors instead of being dropped and counted
     drop_duplicates: bool = False
     margin_from_scores: bool = False  # preference data with scores: use score_chosen - score_rejected
+    max_line_bytes: int = MAX_LINE_BYTES  # a longer row is refused: it bounds the memory reading takes
     evaluator: Evaluator | None = None
 
     def __post_init__(self) -> None:
@@ -50,9 +53,15 @@ class DataSource:
         positive("max_prompt_length", self.max_prompt_length)
         require(self.max_prompt_length < self.max_length, "max_prompt_length",
                 f"must be smaller than max_length ({self.max_length}), got {self.max_prompt_length}")
+        positive("max_line_bytes", self.max_line_bytes)
+        # the stage decides the kind (and so which formats fit); a name no kind knows is refused here,
+        # where the config key is known
+        known = ("auto", *dict.fromkeys(name for names in FORMATS.values() for name in names))
+        require(self.format in known, "format", f"must be one of {', '.join(known)}; got {self.format!r}")
 
     def options(self) -> dict[str, Any]:
-        return {"format": self.format, "strict": self.strict, "drop_duplicates": self.drop_duplicates}
+        return {"format": self.format, "strict": self.strict, "drop_duplicates": self.drop_duplicates,
+                "max_line_bytes": self.max_line_bytes}
 
     def hold_out(self, examples: Sequence[T]) -> tuple[list[T], list[T]]:
         """(train, validation) taken from `examples` by a fixed shuffle; at least one of each."""
