@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightrlhf.training.numerics import NumericFault
 from lightrlhf.validation import in_range, non_negative
 
 
@@ -48,8 +49,24 @@ def sample_tokens(
     """One token per row of logits [B, V]: argmax when temperature == 0, otherwise a draw from
     softmax(filter_logits(logits / temperature, top_k, top_p)). Returns long [B]."""
     non_negative("temperature", temperature)
+    check_sampleable(logits)
     if temperature == 0:
         return logits.argmax(dim=-1)
     filtered = filter_logits(logits.float() / temperature, top_k, top_p)
     probs = torch.softmax(filtered, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def check_sampleable(logits: Tensor) -> None:
+    """Raise `NumericFault` when a row of logits [B, V] holds NaN or +inf, or nothing but -inf.
+
+    Such a row has no distribution to draw from: torch.multinomial would fail with a bare
+    RuntimeError ("probability tensor contains either inf, nan or element < 0") and argmax would
+    return an arbitrary token. A diverged model is the usual cause, so the message says that."""
+    nan_rows = torch.isnan(logits).any(dim=-1)
+    bad = nan_rows | torch.isposinf(logits).any(dim=-1) | torch.isneginf(logits).all(dim=-1)
+    if bool(bad.any()):
+        what = "nan" if bool(nan_rows.any()) else "inf"
+        raise NumericFault(f"sampling: the model's next-token logits are {what} in {int(bad.sum())} of "
+                           f"{bad.numel()} rows; its weights or activations are not finite (a diverged run?), "
+                           "so nothing can be sampled")

@@ -20,6 +20,7 @@ subclass in `stages/` and one YAML in `conf/stage/`.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -62,6 +63,10 @@ class StageModule(L.LightningModule):
             positive("max_grad_norm", max_grad_norm)
         self.optim, self.scheduler, self.max_grad_norm = optim, scheduler, max_grad_norm
         self.guard = NonFiniteGuard(numerics, self.stage_name)
+        if self.guard.spec.on_nonfinite == "skip":
+            # a skipped batch is a training_step that returns None on purpose: Lightning's warning
+            # about that would only put a second line beside the one the guard writes
+            warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
         self.strict_loading = False  # checkpoints hold only the trainable weights, on purpose
         self.last_validated_step = -1
 

@@ -86,7 +86,7 @@ class RewardModelStage(StageModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         chosen, rejected = self.pair_rewards(batch)
         loss = self._loss(chosen, rejected, batch)
-        if not self.guard.check(self.global_step, loss=loss.detach(), rewards=torch.cat([chosen, rejected]).detach()):
+        if not self.guard.screen(self.global_step, loss=loss.detach(), rewards=torch.cat([chosen, rejected]).detach()):
             self.log("numerics/skipped_batches", float(self.guard.skipped_total))
             return None  # Lightning skips backward and the optimizer step for this batch
         self.log("train/loss", loss, prog_bar=True)

@@ -75,7 +75,7 @@ class SFTStage(StageModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self.model(batch["input_ids"], batch["attention_mask"])
         loss, tokens = sft_loss(logits, batch["input_ids"], self._loss_mask(batch))
-        if not self.guard.check(self.global_step, loss=loss.detach()):
+        if not self.guard.screen(self.global_step, loss=loss.detach()):
             self.log("numerics/skipped_batches", float(self.guard.skipped_total))
             return None  # Lightning skips backward and the optimizer step for this batch
         self.log("train/loss", loss, prog_bar=True)

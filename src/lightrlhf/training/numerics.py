@@ -5,6 +5,11 @@ optimizer step, so the weights never take a poisoned update and the checkpoints 
 stay the last good ones. `numerics.on_nonfinite=stop` (the default) ends the run with one line
 naming the stage, the step and the quantity; `skip` drops that batch (no optimizer step), counts
 it (`numerics/skipped_batches`) and stops only after `max_consecutive_skips` in a row.
+
+What ends a run of skips is an optimizer step whose gradient norm was checked and finite: a loss
+checked before its backward (`screen`) can skip a batch but, by passing, cannot vouch for it, since
+its gradient may still be inf. A skipped batch has no gradient, so the gradient check after it
+(Lightning still calls the clipping hook around a skipped step) has nothing to pass.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ class NumericsSpec:
 
 
 class NonFiniteGuard:
-    """`check(...)` is True when every quantity is finite; False means: skip this batch."""
+    """`check(...)`/`screen(...)` are True when every quantity is finite; False means: skip this batch."""
 
     def __init__(self, spec: NumericsSpec | None, stage: str):
         self.spec, self.stage = spec or NumericsSpec(), stage
@@ -46,11 +51,19 @@ class NonFiniteGuard:
         self.skipped_in_a_row = 0
 
     def check(self, step: int, **quantities: torch.Tensor | float) -> bool:
+        """The last check before an optimizer step: passing it ends a run of skipped batches."""
+        if not self.screen(step, **quantities):
+            return False
+        self.skipped_in_a_row = 0
+        return True
+
+    def screen(self, step: int, **quantities: torch.Tensor | float) -> bool:
+        """An early check (a loss before its backward): failing skips the batch; passing leaves the
+        run of skips as it is, for the gradient still to be checked."""
         for name, value in quantities.items():
             tensor = torch.as_tensor(value)
             if not bool(torch.isfinite(tensor).all()):
                 return self._fault(step, name, tensor)
-        self.skipped_in_a_row = 0
         return True
 
     def _fault(self, step: int, name: str, value: torch.Tensor) -> bool:
@@ -83,9 +96,13 @@ def guard_and_clip(stage, optimizer, max_grad_norm: float | None) -> None:
     """`configure_gradient_clipping` of the automatically optimised stages (SFT, RM).
 
     Before the optimizer step: a non-finite gradient norm stops the run, or (skip mode) empties the
-    step -- AdamW leaves a parameter without a gradient untouched; then the norm is clipped.
+    step -- AdamW leaves a parameter without a gradient untouched; then the norm is clipped. Without
+    any gradient, every batch of this step was skipped before its backward: nothing to check, and
+    the run of skips goes on.
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not any(p.grad is not None for p in params):
+        return
     if not stage.guard.check(stage.global_step, gradient_norm=gradient_norm(params)):
         for param in params:
             param.grad = None
