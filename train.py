@@ -1,9 +1,15 @@
 """lightrlhf's one entry point: `python train.py stage=<stage> model=<model> data=<data> [overrides]`."""
 
-import hydra
-from omegaconf import DictConfig
+import sys
 
-from lightrlhf.launch import cli, run
+try:  # Ctrl-C while these load (seconds): one line and exit 130, as at any later moment (see cli)
+    import hydra
+    from omegaconf import DictConfig
+
+    from lightrlhf.launch import cli, run
+except KeyboardInterrupt:
+    sys.stderr.write("interrupted\n")
+    sys.exit(130)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -73,6 +73,7 @@ def _bad_files(tmp_path):
     }
     for name, content in files.items():
         (tmp_path / name).write_bytes(content)
+    (tmp_path / "empty").mkdir()
     return tmp_path
 
 
@@ -96,6 +97,10 @@ BAD_INPUTS = [
     (["stage._target_=argparse.Namespace"], "error: config stage._target_: argparse.Namespace does not implement the "
      "stage contract (lightrlhf.stages.base.Stage): missing default_metric, last_validated_step, final_metrics, export, "
      "trainable_parameter_names"),
+    (["stage=ppo", "data=demo_prompts", "policy.init={d}/empty", "reward.path={d}/empty"],
+     "error: config policy.init: {d}/empty: no weight files (*.safetensors or *.bin) in this model directory"),
+    (["data.format=bogus"], "error: config data.format: must be one of auto, prompt_completion, messages, alpaca, "
+     "explicit, ultrafeedback, conversational, hh_rlhf, implicit, prompt; got 'bogus'"),
 ]
 
 

@@ -52,8 +52,8 @@ def exit_for_user_error(error: UserError) -> None:
 
 def cli(hydra_main: Callable[[], Any]) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    sys.argv = with_recorded_overrides(sys.argv)  # resume=<dir>: the run's own overrides first
     try:
+        sys.argv = with_recorded_overrides(sys.argv)  # resume=<dir>: the run's own overrides first
         hydra_main()
     except UserError as error:
         exit_for_user_error(error)

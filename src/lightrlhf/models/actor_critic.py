@@ -235,6 +235,6 @@ def _check_policy_init_matches_model(spec: ModelSpec, init: str) -> None:
         root = resolve_model_dir(meta["base"]["name_or_path"], key="policy.init")
         meta = read_export_manifest(root)
     model_dir = resolve_model_dir(spec.name_or_path, spec.revision)
-    if weights_fingerprint(root) != weights_fingerprint(model_dir):
+    if weights_fingerprint(root, key="policy.init") != weights_fingerprint(model_dir, key="model.name_or_path"):
         raise UserError(f"config policy.init: {init} descends from {root}, not from model.name_or_path="
                         f"{spec.name_or_path}")

@@ -82,13 +82,15 @@ def file_hash(path: Path) -> str:
     return _cached_file_hash(str(path), stat.st_size, stat.st_mtime_ns)
 
 
-def weights_fingerprint(model_dir: Path) -> str:
-    """SHA-256 over the names and contents of a directory's weight files."""
+def weights_fingerprint(model_dir: Path, key: str | None = None) -> str:
+    """SHA-256 over the names and contents of a directory's weight files; `key`: the config key that
+    named the directory, for the message when it has none."""
     files = sorted(p for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
     safetensors = [p for p in files if p.suffix == ".safetensors"]
     files = safetensors or files  # the files transformers would actually read
     if not files:
-        raise UserError(f"{model_dir}: no weight files (*.safetensors or *.bin) in this model directory")
+        where = f"config {key}: {model_dir}" if key else str(model_dir)
+        raise UserError(f"{where}: no weight files (*.safetensors or *.bin) in this model directory")
     digest = hashlib.sha256()
     for p in files:
         digest.update(p.name.encode() + b"\0" + file_hash(p).encode() + b"\n")
