@@ -167,7 +167,7 @@ def checks_section(hashes: dict[str, str], notes: list[str], lengths: dict[str, 
     lines.append(f"- lightrlhf code: {', '.join(commits)}"
                  + (" -- the code changed during the session" if len(commits) > 1 else " for every run") + ".")
     threads = sorted({r["result"].get("torch_threads") for rs in records.values() for r in rs if r["ok"]} - {None})
-    lines.append(f"- torch intra-op threads in the runs: {threads} (torch's default; nothing set).")
+    lines.append(f"- torch intra-op threads in the runs: {threads} (the run's thread policy, README \"Threads\"; the machine is idle before each run).")
     flagged = [r for rs in records.values() for r in rs if r["contaminated"]]
     lines.append(f"- Contaminated runs (others used > the limit of the CPUs), kept in results.jsonl and replaced: "
                  f"{len(flagged)}" + (" (" + ", ".join(f"{r['config']} {r['foreign_cpu_share']:.1%}" for r in flagged)
