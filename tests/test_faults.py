@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -131,26 +132,6 @@ def test_unwritable_output_directory_is_one_line(tmp_path):
                                         "(Not a directory)"]
 
 
-def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
-    run_dir = tmp_path / "run"
-    done = train_with_fault("enospc_on_checkpoint:3", SFT + [f"hydra.run.dir={run_dir}"])
-    assert done.returncode == 2, done.stderr[-2000:]
-    target = run_dir / "checkpoints" / "step-00000030.ckpt"
-    assert done.stderr.splitlines()[-1] == f"error: {target}: cannot write (No space left on device); nothing was replaced"
-    assert _checkpoints(run_dir) == ["step-00000010.ckpt", "step-00000020.ckpt"] and _no_temp_files(run_dir)
-    torch.load(run_dir / "checkpoints" / "step-00000020.ckpt", weights_only=True)
-
-
-def test_disk_full_while_exporting_leaves_no_half_export(tmp_path):
-    run_dir = tmp_path / "run"
-    done = train_with_fault("enospc_on_export", SFT + [f"hydra.run.dir={run_dir}"])
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr.splitlines()[-1] == (f"error: {run_dir / 'export'}: cannot write (No space left on device); "
-                                            "nothing was replaced")
-    assert not (run_dir / "export").exists() and _no_temp_files(run_dir)
-    assert _checkpoints(run_dir)[-1] == "step-00000040.ckpt"  # training is safe; resume= exports it
-
-
 def test_missing_or_wrong_exports_between_stages(tmp_path, exports):
     ppo = ["stage=ppo", "data=demo_prompts", f"hydra.run.dir={tmp_path / 'run'}"]
     cases = [
@@ -196,3 +177,86 @@ def test_custom_model_code_is_not_run_unless_asked(tmp_path, tiny_spec):
     with pytest.raises(UserError, match="needs custom code from the model repository; set "
                                         "model.trust_remote_code=true if you trust it"):
         load_base_model(replace(tiny_spec, name_or_path=str(model_dir)))
+
+
+@pytest.mark.parametrize("stage", [["stage=sft", "stage.eval.num_prompts=16"], ["stage=rm", "data=demo_pref"]],
+                         ids=["sft", "rm"])
+def test_a_diverged_run_in_skip_mode_stops_after_max_consecutive_skips(tmp_path, stage):
+    """lr=1e30: after the first step every batch is NaN. Lightning still calls the clipping hook around
+    each skipped step; that must not count as a good batch, nor may a finite loss whose gradient is not."""
+    done = train_cli(stage + ["numerics.on_nonfinite=skip", "stage.optim.lr=1e30", "trainer.max_steps=60",
+                              "trainer.val_check_interval=20", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert done.returncode == 3, done.stderr[-2000:]
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stdout + done.stderr, done.stderr[-2000:]
+    name = stage[0].split("=")[1]
+    # step 0 is taken (finite), steps 1-4 are not finite: the fourth bad batch in a row stops the run
+    assert re.fullmatch(rf"error: {name} stage, step 4: \w+ is (nan|inf); 4 batches in a row were not finite "
+                        r"\(numerics.max_consecutive_skips=3\): stopping", lines[0]), lines[0]
+
+
+def test_evaluation_of_a_diverged_model_is_one_line_not_a_sampling_traceback(tmp_path):
+    done = train_cli(["stage=sft", "numerics.on_nonfinite=skip", "numerics.max_consecutive_skips=100",
+                      "stage.optim.lr=1e30", "trainer.max_steps=60", "trainer.val_check_interval=8",
+                      "callbacks.checkpoint.every_n_steps=1000", "stage.eval.num_prompts=16",
+                      f"hydra.run.dir={tmp_path / 'run'}"])
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "Traceback" not in done.stdout + done.stderr, done.stderr[-2000:]
+    # before it, torchmetrics warns that the validation loss had NaN in it (a warning, not an error)
+    assert done.stderr.splitlines()[-1] == (
+        "error: sampling: the model's next-token logits are nan in 16 of 16 rows; its weights or activations are "
+        "not finite (a diverged run?), so nothing can be sampled"), done.stderr[-2000:]
+
+
+def test_the_skip_limit_counts_a_bad_gradient_after_a_finite_loss_and_ignores_the_empty_clipping_hook():
+    from types import SimpleNamespace
+
+    from lightrlhf.training.numerics import NonFiniteGuard, NumericFault, NumericsSpec, guard_and_clip
+
+    param = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.AdamW([param])
+    stage = SimpleNamespace(guard=NonFiniteGuard(NumericsSpec(on_nonfinite="skip", max_consecutive_skips=3), "sft"),
+                            global_step=0, clip_gradients=lambda *args, **kwargs: None)
+    nan, fine = torch.tensor(float("nan")), torch.tensor(1.0)
+
+    def batch(loss: torch.Tensor, grad: float | None) -> None:
+        """training_step's screen, then what Lightning calls before the optimizer step."""
+        stage.global_step += 1
+        if stage.guard.screen(stage.global_step, loss=loss):
+            param.grad = torch.full((3,), grad)
+        guard_and_clip(stage, optimizer, 1.0)
+        param.grad = None  # Lightning's zero_grad
+
+    batch(fine, 1.0)
+    assert stage.guard.skipped_in_a_row == 0
+    batch(nan, None)  # skipped before its backward: the hook finds no gradient, which is no good batch
+    batch(fine, float("inf"))  # a finite loss does not vouch for its gradient
+    batch(nan, None)
+    assert (stage.guard.skipped_in_a_row, stage.guard.skipped_total) == (3, 3)
+    with pytest.raises(NumericFault, match=r"^sft stage, step 5: gradient_norm is inf; 4 batches in a row"):
+        batch(fine, float("inf"))
+    stage.guard.skipped_in_a_row, param.grad = 0, None
+    batch(nan, None)
+    batch(fine, 1.0)  # an optimizer step with a finite gradient ends the run of skips
+    assert stage.guard.skipped_in_a_row == 0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_sampling_from_non_finite_logits_is_a_numeric_fault(temperature):
+    from lightrlhf.rl.next_token import sample_tokens
+    from lightrlhf.training.numerics import NumericFault
+
+    logits = torch.zeros(4, 10)
+    logits[1, 3] = float("nan")
+    with pytest.raises(NumericFault, match=r"^sampling: the model's next-token logits are nan in 1 of 4 rows; its "
+                                           r"weights or activations are not finite \(a diverged run\?\), so nothing "
+                                           r"can be sampled$") as caught:
+        sample_tokens(logits, temperature)
+    assert caught.value.exit_code == 3
+    logits = torch.zeros(4, 10)
+    logits[0] = float("-inf")
+    logits[2, 0] = float("inf")
+    with pytest.raises(NumericFault, match=r"logits are inf in 2 of 4 rows"):
+        sample_tokens(logits, temperature)
+    logits[0, 1], logits[2, 0] = 0.0, float("-inf")  # some tokens ruled out is an ordinary distribution
+    assert sample_tokens(logits, temperature)[0] == 1

@@ -9,12 +9,16 @@ Faults (the test decides which, through argv[1]):
   nan_score_at_rollout:N    the PPO scores of the N-th rollout are NaN
   nan_advantage_at_rollout:N  one GAE advantage of the N-th PPO rollout is NaN
   nan_gradient_at_step:N    one gradient entry of the N-th reward-model optimizer step is NaN
-  enospc_on_checkpoint:N    the N-th checkpoint write fails with "No space left on device"
-  enospc_on_export          writing the export fails with "No space left on device"
+  kill_at_batch:N           SIGKILL this process when the N-th training batch starts (the points of the
+                            batches before it are on disk)
+  file_size_limit_after_checkpoint:N:BYTES
+                            once the N-th checkpoint is on disk, no file may grow past BYTES
+                            (RLIMIT_FSIZE, SIGXFSZ ignored: write() fails with EFBIG, as on a full disk,
+                            for real, inside torch.save)
+  file_size_limit_at_export:BYTES  the same, from the moment the stage starts its export
   none                      no fault
 """
 
-import errno
 import os
 import runpy
 import signal
@@ -22,6 +26,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def limit_file_size(limit: int) -> None:
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
 
 def install(fault: str) -> None:
@@ -118,32 +129,42 @@ def install(fault: str) -> None:
             return original_guard(stage, optimizer, max_grad_norm)
 
         base.guard_and_clip = guard_and_clip
-    elif name == "enospc_on_checkpoint":
-        import lightrlhf.callbacks.checkpoint as ckpt_module
-        import lightrlhf.io as lio
+    elif name == "kill_at_batch":
+        from lightrlhf.callbacks.checkpoint import PeriodicCheckpoint
 
-        original_write = lio.atomic_write
+        def on_train_batch_start(self, trainer, *args):
+            count["n"] += 1
+            if count["n"] == int(arg):
+                os.kill(os.getpid(), signal.SIGKILL)
 
-        def atomic_write(path, write):
-            if str(path).endswith(".ckpt"):
-                count["n"] += 1
-                if count["n"] == int(arg):
-                    def full(f):
-                        f.write(b"x" * 1024)
-                        raise OSError(errno.ENOSPC, "No space left on device")
-                    return original_write(path, full)
-            return original_write(path, write)
+        PeriodicCheckpoint.on_train_batch_start = on_train_batch_start
+    elif name == "file_size_limit_after_checkpoint":
+        from lightrlhf.callbacks.checkpoint import PeriodicCheckpoint
 
-        lio.atomic_write = atomic_write
-        ckpt_module.atomic_write = atomic_write
-    elif name == "enospc_on_export":
-        from peft import PeftModel
+        nth, limit = (int(x) for x in arg.split(":"))
+        original = PeriodicCheckpoint.save
 
-        def save_pretrained(self, directory, *args, **kwargs):
-            (Path(directory) / "adapter_model.safetensors").write_bytes(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device")
+        def save(self, trainer, *args, **kwargs):
+            path = original(self, trainer, *args, **kwargs)
+            count["n"] += 1
+            if count["n"] == nth:
+                limit_file_size(limit)
+            return path
 
-        PeftModel.save_pretrained = save_pretrained
+        PeriodicCheckpoint.save = save
+    elif name == "file_size_limit_at_export":
+        from lightrlhf.stages.ppo import PPOStage
+        from lightrlhf.stages.rm import RewardModelStage
+        from lightrlhf.stages.sft import SFTStage
+
+        def limited(export):
+            def limited_export(self, *args, **kwargs):
+                limit_file_size(int(arg))
+                return export(self, *args, **kwargs)
+            return limited_export
+
+        for stage in (SFTStage, RewardModelStage, PPOStage):
+            stage.export = limited(stage.export)
     else:
         raise SystemExit(f"unknown fault {fault!r}")
 

@@ -14,10 +14,14 @@ that checkpoints load with `torch.load(weights_only=True)`.
 or a SIGKILL while writing leaves the previous checkpoint untouched.
 
 Curves: a checkpoint is written in `on_train_batch_end`, before Lightning hands that batch's
-metrics to the loggers, so a run killed right after it would lose that one point. The checkpoint
-therefore carries those metrics and their logging step; the resumed run hides every event from that
-step on (`purge_step`, see `logging_step_of`), writes the carried point again and continues: each
-step appears once, none is missing.
+metrics to the loggers (and its `epoch`), so a run killed right after it would lose that one point.
+The checkpoint therefore carries those metrics and their logging step, with what the loggers were
+already given at that step (the learning rate, which `LearningRateMonitor` logs when the batch
+starts); the resumed run hides every event from that step on (`purge_step`, see `logging_step_of`),
+writes the carried point again and continues: each step appears once, none is missing.
+
+Reading: `read_checkpoint` proves a file is a complete checkpoint cheaply (memory-mapped, the tensors
+stay on disk); `set_aside` renames a damaged one so that it is never picked again.
 
 Interruptions: Ctrl-C (SIGINT) and SIGTERM (what a cluster scheduler sends before it kills a job)
 are caught while training; at the end of the current batch -- a consistent state, never halfway
@@ -29,9 +33,11 @@ at once. A checkpoint is never written with non-finite weights.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +93,36 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return files[-1] if files else None
 
 
+class UnreadableCheckpoint(Exception):
+    """A file that does not load as a checkpoint (truncated, emptied, not one at all)."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path = path
+        super().__init__(f"{path}: not a readable checkpoint ({reason})")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint in `path`, its tensors memory-mapped (left on disk until used): cheap proof that
+    the file is complete, and its bookkeeping (`logging_step_of`, `elapsed_of`) without loading it."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise UnreadableCheckpoint(path, "empty file")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except UnreadableCheckpoint:
+        raise
+    except Exception as error:  # a torn zip, a foreign pickle, a vanished file: each fails its own way
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise UnreadableCheckpoint(path, reason.split(". ")[0]) from None  # torch goes on with advice
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint to `<name>.damaged`: kept for a look, never picked again."""
+    target = path.with_name(path.name + ".damaged")
+    os.replace(path, target)
+    return target
+
+
 class RunInterrupted(KeyboardInterrupt):
     """Training stopped on a signal after saving a checkpoint; the message says how to continue."""
 
@@ -104,6 +140,11 @@ class PeriodicCheckpoint(Callback):
         self.save_on_train_end, self.save_on_signal = save_on_train_end, save_on_signal
         self._last_saved_step = -1
         self._carried_logs: dict[str, Any] | None = None
+        self._logged = LoggedAtStep()
+        # wall time: this launch's start (the launcher sets it) and the launches' before it, up to the
+        # checkpoint this one resumed from; a checkpoint records their sum (`elapsed_of`)
+        self.launched_at = time.perf_counter()
+        self.elapsed_before = 0.0
         self.received_signal: int | None = None
         self.interrupted_at: Path | None = None
         self._previous_handlers: dict[int, Any] = {}
@@ -111,6 +152,10 @@ class PeriodicCheckpoint(Callback):
     @property
     def state_key(self) -> str:
         return "PeriodicCheckpoint"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for logger in trainer.loggers:
+            self._logged.watch(logger)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_saved_step = trainer.global_step  # a resumed run does not re-save its start
@@ -163,7 +208,7 @@ class PeriodicCheckpoint(Callback):
         check_finite_weights(trainer)
         path = self.dirpath / f"step-{trainer.global_step:08d}.ckpt"
         self._last_saved_step = trainer.global_step
-        self._carried_logs = unlogged_batch_metrics(trainer) if batch_end else None
+        self._carried_logs = self._points_to_carry(trainer) if batch_end else None
         try:
             trainer.save_checkpoint(path, weights_only=False)  # full state: optimizer, loops, RNG
         finally:
@@ -174,8 +219,14 @@ class PeriodicCheckpoint(Callback):
         log.debug("saved %s", path)
         return path
 
+    def _points_to_carry(self, trainer: L.Trainer) -> dict[str, Any]:
+        """The points of this batch's logging step: those already logged, and the batch's own."""
+        batch = unlogged_batch_metrics(trainer)
+        return {"step": batch["step"], "metrics": {**self._logged.at(batch["step"]), **batch["metrics"]}}
+
     def state_dict(self) -> dict[str, Any]:
-        state = {"rng": rng_state(), "last_saved_step": self._last_saved_step}
+        state = {"rng": rng_state(), "last_saved_step": self._last_saved_step,
+                 "elapsed_s": self.elapsed_before + time.perf_counter() - self.launched_at}
         if self._carried_logs is not None:
             state["carried_logs"] = self._carried_logs
         return state
@@ -183,18 +234,52 @@ class PeriodicCheckpoint(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         set_rng_state(state_dict["rng"])
         self._carried_logs = state_dict.get("carried_logs")
+        self.elapsed_before = float(state_dict.get("elapsed_s", 0.0))
+
+
+class LoggedAtStep:
+    """What the loggers were given at the newest logging step, whoever logged it (the stage, Lightning,
+    `LearningRateMonitor` at the batch's start): a checkpoint written during that step carries it,
+    since the run resumed from the checkpoint hides that step's events."""
+
+    def __init__(self) -> None:
+        self.step, self.metrics = -1, {}
+
+    def watch(self, logger: Any) -> None:
+        log_metrics = logger.log_metrics
+        if getattr(log_metrics, "noted_by", None) is self:
+            return
+
+        def noted(metrics: dict[str, Any], step: int | None = None) -> None:
+            if step is not None:
+                self.note(metrics, step)
+            log_metrics(metrics, step)
+
+        noted.noted_by = self
+        logger.log_metrics = noted
+
+    def note(self, metrics: dict[str, Any], step: int) -> None:
+        if step != self.step:
+            self.step, self.metrics = step, {}
+        self.metrics.update({k: float(v) for k, v in metrics.items()
+                             if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)})
+
+    def at(self, step: int) -> dict[str, float]:
+        return dict(self.metrics) if step == self.step else {}
 
 
 def unlogged_batch_metrics(trainer: L.Trainer) -> dict[str, Any]:
     """This batch's step metrics and their logging step, which Lightning sends to the loggers only
-    after `on_train_batch_end` (`_logger_connector.update_train_step_metrics`); empty when this batch
-    logs nothing (accumulating, or between `log_every_n_steps`)."""
+    after `on_train_batch_end` (`_logger_connector.update_train_step_metrics`, which adds `epoch`);
+    empty when this batch logs nothing (accumulating, or between `log_every_n_steps`)."""
     connector = trainer._logger_connector
     step = trainer.fit_loop.epoch_loop._batches_that_stepped
     accumulating = trainer.fit_loop._should_accumulate() and trainer.lightning_module.automatic_optimization
     if accumulating or not connector.should_update_logs:
         return {"step": step, "metrics": {}}
     metrics = {k: float(v) for k, v in connector.metrics["log"].items() if not torch.is_tensor(v) or v.numel() == 1}
+    if metrics:
+        metrics.setdefault("epoch", float(trainer.current_epoch))  # as `LoggerConnector.log_metrics` does
     return {"step": step, "metrics": metrics}
 
 
@@ -208,6 +293,11 @@ def logging_step_of(checkpoint: dict[str, Any]) -> int:
         return int(carried["step"])
     loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
     return int(loop.get("_batches_that_stepped", checkpoint.get("global_step", 0)))
+
+
+def elapsed_of(checkpoint: dict[str, Any]) -> float:
+    """Wall time spent on the run up to `checkpoint`, over all its launches (0 if not recorded)."""
+    return float((checkpoint.get("callbacks") or {}).get("PeriodicCheckpoint", {}).get("elapsed_s", 0.0))
 
 
 def check_finite_weights(trainer: L.Trainer) -> None:

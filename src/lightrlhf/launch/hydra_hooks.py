@@ -1,8 +1,9 @@
 """Hydra callbacks: check the output directory before a run, summarise a sweep after it.
 
-`CheckOutputDirectory`: Hydra creates the run (or sweep) directory before any of our code runs; a
-path that cannot be written would end in a traceback from inside Hydra. Checked first, it is one
-line and exit status 2.
+`CheckOutputDirectory`: Hydra creates the run (or sweep) directory and its `train.log` before any of
+our code runs; a path that cannot be written would end in a traceback from inside Hydra, and
+`resume=<dir>` (the run directory) would create `<dir>` or write into a directory that holds no run.
+Checked first, each is one line and exit status 2, with nothing created or written.
 
 `SweepSummary`: after a sweep (`python train.py -m ...`, grid or Optuna), one table of overrides -> metric.
 
@@ -26,6 +27,7 @@ from omegaconf import DictConfig
 from lightrlhf.errors import UserError
 from lightrlhf.io import atomic_write_text, ensure_writable_dir
 from lightrlhf.launch.cli import exit_for_user_error
+from lightrlhf.launch.record import check_resumable
 
 log = logging.getLogger("lightrlhf")
 
@@ -75,6 +77,12 @@ class CheckOutputDirectory(Callback):
     # detail: Hydra turns an exception from a callback into a warning and carries on, so the
     # one-line exit (a SystemExit) is raised here directly.
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        resume = config.get("resume")
+        if resume:
+            try:
+                check_resumable(str(resume))
+            except UserError as error:
+                exit_for_user_error(error)
         _check(config.hydra.run.dir, "run directory")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:

@@ -1,5 +1,6 @@
 """The parts of a run, built from the resolved config: the stage with its model and data module,
-and the Lightning trainer with its callbacks and loggers.
+and the Lightning trainer with its callbacks and loggers (and the callback that claims the run
+directory once the run has been built).
 
 Each part is built from its own top-level node (`model`, `data`, `policy`, ...), so an error names
 the key the user typed (`model.lora.r`), not the place the stage refers to it from.
@@ -7,13 +8,16 @@ the key the user typed (`model.lora.r`), not the place the stage refers to it fr
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch.callbacks import Callback
 
 from lightrlhf.errors import ConfigError
 from lightrlhf.launch.build import build, locate, parameters
 
 if TYPE_CHECKING:
+    from lightrlhf.launch.record import StartPoint
     from lightrlhf.stages.base import Stage
 
 # Top-level role blocks a stage may use (PPO: policy.init, value.init, reward.path ...); each is
@@ -58,24 +62,46 @@ def _check_contract(stage: Any, target: str) -> None:
                                             f"(lightrlhf.stages.base.Stage): missing {', '.join(missing)}")
 
 
-def build_trainer(plain: dict[str, Any], ckpt_path: Path | None):
-    import torch
+def build_trainer(plain: dict[str, Any], start: StartPoint, launched_at: float, own_callbacks: list[Callback | None]):
+    """`own_callbacks`: the launcher's own callbacks (claiming the run directory, the thread policy)."""
+    from lightrlhf.callbacks.checkpoint import AtomicCheckpointIO, PeriodicCheckpoint
 
-    from lightrlhf.callbacks.checkpoint import AtomicCheckpointIO, logging_step_of
-
+    trainer_node = dict(plain["trainer"])
+    if trainer_node.get("max_steps") == 0:
+        raise ConfigError("trainer.max_steps", "must be > 0 (or -1: no step budget), got 0; nothing would be trained")
     callbacks = [build(node, f"callbacks.{name}") for name, node in (plain.get("callbacks") or {}).items() if node]
+    for callback in callbacks:
+        if isinstance(callback, PeriodicCheckpoint):
+            callback.launched_at = launched_at  # its checkpoints record the run's wall time from there
     loggers = []
     for name, node in (plain.get("logger") or {}).items():
         if not node:
             continue
         extra = {}
-        if ckpt_path is not None and str(node.get("_target_", "")).endswith("TensorBoardLogger"):
-            # detail: events written after the checkpoint by the killed run are hidden, so the
-            # resumed curve continues without a second copy of those steps.
-            # mmap: only the bookkeeping is read here; Lightning reads the tensors when it restores
-            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-            extra["purge_step"] = logging_step_of(checkpoint)
+        if str(node.get("_target_", "")).endswith("TensorBoardLogger"):
+            # detail: events already in the directory from `purge_step` on are hidden -- those a killed
+            # run wrote after its checkpoint, all of them when the run starts from the beginning -- so
+            # the curves continue without a second copy of any step.
+            extra["purge_step"] = start.purge_step
         loggers.append(build(node, f"logger.{name}", **extra))
-    trainer_node = dict(plain["trainer"])
     plugins = list(trainer_node.pop("plugins", None) or []) + [AtomicCheckpointIO()]
-    return build(trainer_node, "trainer", callbacks=callbacks, logger=loggers or False, plugins=plugins)
+    return build(trainer_node, "trainer", callbacks=callbacks + [c for c in own_callbacks if c is not None],
+                 logger=loggers or False, plugins=plugins)
+
+
+class ClaimRunDirectory(Callback):
+    """Claims the run directory (`claim`: the run record) when the first training batch starts: the
+    run has been built by then -- its stage set up, optimizers configured, any checkpoint restored,
+    its start-of-training evaluation done -- so a run that fails before never holds the directory."""
+
+    def __init__(self, claim: Callable[[], None]):
+        self._claim, self.claimed = claim, False
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.claim()
+
+    def claim(self) -> None:
+        """Once; the launcher calls it after a fit that had no batch left to train."""
+        if not self.claimed:
+            self._claim()
+            self.claimed = True

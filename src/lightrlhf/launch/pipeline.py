@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightrlhf.callbacks.checkpoint import RunInterrupted
 from lightrlhf.errors import ConfigError
 from lightrlhf.io import atomic_write_text
-from lightrlhf.launch.record import RUN_RECORD, compose_config, override_key, write_record
+from lightrlhf.launch.record import RUN_RECORD, compose_config, override_key, unclaim, write_record
 from lightrlhf.launch.report import METRICS_FILE
 
 log = logging.getLogger("lightrlhf")
@@ -73,8 +72,19 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, task_overrides: list[str], choi
                  config_name: str, run_step: StepRunner) -> float | None:
     """Run the steps in order, each in its own directory with `run_step`; skip the finished ones."""
     spec = PipelineSpec.from_config(OmegaConf.to_container(cfg.get("pipeline"), resolve=True) or {})
+    first_launch = not (run_dir / RUN_RECORD).exists()
     write_record(run_dir, task_overrides, choices, cfg)
-    started = time.perf_counter()
+    try:
+        return _run_steps(spec, cfg, run_dir, task_overrides, choices, config_name, run_step)
+    except BaseException:
+        # no step claimed its directory (the first one failed before training): neither does the pipeline
+        if first_launch and not any((run_dir / s.name / RUN_RECORD).exists() for s in spec.steps):
+            unclaim(run_dir)
+        raise
+
+
+def _run_steps(spec: PipelineSpec, cfg: DictConfig, run_dir: Path, task_overrides: list[str],
+               choices: dict[str, Any], config_name: str, run_step: StepRunner) -> float | None:
     global_overrides = _global_overrides(task_overrides)
     # every step composes the same config groups as the pipeline: a group override given on the
     # command line applies to every step, or (no such node: hparams_search) to none
@@ -99,7 +109,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, task_overrides: list[str], choi
             raise RunInterrupted(str(interrupted).replace(f"resume={step_dir}", f"resume={run_dir}"),
                                  interrupted.exit_code) from None
         results[step.name] = _read_json(step_dir / METRICS_FILE)
-    summary = summarise(results, time.perf_counter() - started)
+    summary = summarise(results)
     atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
     for line in summary_table(summary):
         log.info(line)
@@ -165,7 +175,9 @@ HEADLINES = {
 }
 
 
-def summarise(results: dict[str, dict[str, Any]], wall_time_s: float) -> dict[str, Any]:
+def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each step's key metrics and wall time (over all its launches), the gold score along the way;
+    the pipeline's wall time is the sum of its steps', whichever launch ran them."""
     steps = {}
     gold: dict[str, float] = {}
     for name, record in results.items():
@@ -185,6 +197,7 @@ def summarise(results: dict[str, dict[str, Any]], wall_time_s: float) -> dict[st
             gold["ppo_start"] = metrics.get("eval/gold_score_initial")
             gold["ppo_start_std"] = metrics.get("eval/gold_score_std_initial")
             gold["ppo"] = metrics["eval/gold_score"]
+    wall_time_s = sum(step["wall_time_s"] for step in steps.values() if step["wall_time_s"] is not None)
     summary: dict[str, Any] = {"wall_time_s": round(wall_time_s, 1), "steps": steps}
     if gold:
         summary["gold_score"] = {k: v for k, v in gold.items() if v is not None}

@@ -1,20 +1,26 @@
 """The run record, and what `resume=<dir>` does with it.
 
-A run directory holds exactly one run. Before training starts it gets
+A run directory holds exactly one run. When its first training batch starts -- the run has been
+built: its parts, Lightning's setup, any checkpoint restored -- it is claimed with
 
     run.json       the overrides the run was launched with, its config-group choices, launch count
     config.yaml    the composed config (interpolations as written)
 
-`resume=<dir>` re-composes the config from the overrides recorded in `run.json` plus the ones
-given now -- so `python train.py resume=<dir> trainer.max_steps=400` is enough -- and continues
-from the newest complete checkpoint in `<dir>/checkpoints`. A resumed run may not switch what it
-*is* (its stage, model or data): that is a new run.
+A run that fails before that leaves the directory as it found it (`unclaimed_on_failure`), so the
+corrected command runs there. `resume=<dir>` re-composes the config from the overrides recorded in
+`run.json` plus the ones given now -- so `python train.py resume=<dir> trainer.max_steps=400` is
+enough -- and continues from the newest checkpoint in `<dir>/checkpoints` that loads (`start_point`).
+A resumed run may not switch what it *is* (its stage, model or data): that is a new run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +54,14 @@ def read_record(run_dir: Path) -> dict[str, Any]:
         raise UserError(f"{path}: unreadable run record ({error})") from None
 
 
+def check_resumable(resume: str) -> None:
+    """`resume=<dir>` names a run's directory: checked before anything is created or written there."""
+    path = Path(resume).expanduser()
+    if not path.is_dir():
+        raise UserError(f"resume={resume}: no such directory")
+    read_record(path)
+
+
 def write_record(run_dir: Path, overrides: list[str], choices: dict[str, Any], cfg: DictConfig) -> None:
     record = {"overrides": [o for o in overrides if override_key(o) != "resume"],
               "choices": {k: v for k, v in choices.items() if not k.startswith("hydra")}}
@@ -58,6 +72,28 @@ def write_record(run_dir: Path, overrides: list[str], choices: dict[str, Any], c
         record["launches"] = 1
     atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg))
     atomic_write_text(previous, json.dumps(record, indent=1))
+
+
+@contextlib.contextmanager
+def unclaimed_on_failure(run_dir: Path, loggers: list[Any]) -> Iterator[None]:
+    """A run that fails before it claims `run_dir` (an error Lightning's setup or the stage's start
+    finds, a checkpoint that does not fit) removes what its loggers made inside `run_dir` (tb/), so
+    that the directory holds no trace of a run and the corrected command can run there."""
+    try:
+        yield
+    except BaseException:
+        if is_rank_zero() and not (run_dir / RUN_RECORD).exists():
+            made = [Path(d) for d in (getattr(logger, "log_dir", None) for logger in loggers) if d]
+            for directory in made:
+                if run_dir.resolve() in directory.resolve().parents:
+                    shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
+def unclaim(run_dir: Path) -> None:
+    """Remove the run record from `run_dir` (a pipeline none of whose steps claimed its directory)."""
+    for name in (RUN_RECORD, CONFIG_FILE):
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def refuse_existing_run(run_dir: Path) -> None:
@@ -147,18 +183,52 @@ def compose_config(overrides: list[str], config_name: str) -> tuple[DictConfig, 
     return cfg, choices
 
 
-def checkpoint_to_load(run_dir: Path, resume: bool, ckpt_path: str | None) -> Path | None:
-    """The newest complete checkpoint of a resumed run, or the `ckpt_path` a new run starts from."""
-    from lightrlhf.callbacks.checkpoint import latest_checkpoint
+@dataclass(frozen=True)
+class StartPoint:
+    """Where a run starts: the checkpoint it loads (None: the beginning), the TensorBoard step from
+    which events already in its directory are hidden, and the wall time spent before (`elapsed_of`)."""
+
+    checkpoint: Path | None = None
+    purge_step: int = 0
+    elapsed_s: float = 0.0
+
+
+def start_point(run_dir: Path, resume: bool, ckpt_path: str | None) -> StartPoint:
+    """A resumed run starts from its newest checkpoint that loads: a damaged one (truncated, emptied)
+    is reported in one line and renamed `<name>.damaged`, and the one before it is tried. A new run
+    starts from `ckpt_path` (one line if it does not load) or from the beginning. Events from
+    `purge_step` on are hidden: those a killed run wrote after its checkpoint, or all of them when
+    the run starts from the beginning (killed before its first checkpoint, or leftovers of a run that
+    never claimed the directory)."""
+    from lightrlhf.callbacks.checkpoint import (
+        UnreadableCheckpoint,
+        checkpoint_files,
+        elapsed_of,
+        logging_step_of,
+        read_checkpoint,
+        set_aside,
+    )
 
     if resume:
-        found = latest_checkpoint(run_dir / "checkpoints")
-        if found is None:
-            log.warning("resume: no checkpoint in %s yet; starting this run from the beginning", run_dir)
-        return found
+        for path in reversed(checkpoint_files(run_dir / "checkpoints")):
+            try:
+                checkpoint = read_checkpoint(path)
+            except UnreadableCheckpoint as damaged:
+                if is_rank_zero():  # the other DDP ranks start after rank 0 has set it aside
+                    with contextlib.suppress(OSError):  # a read-only directory: skipped all the same
+                        set_aside(path)
+                log.warning("resume: %s; set aside as %s.damaged, using the checkpoint before it", damaged, path.name)
+                continue
+            return StartPoint(path, logging_step_of(checkpoint), elapsed_of(checkpoint))
+        log.warning("resume: no checkpoint in %s yet; starting this run from the beginning", run_dir)
+        return StartPoint()
     if ckpt_path:
         path = Path(ckpt_path).expanduser()
         if not path.is_file():
             raise ConfigError("ckpt_path", f"{path} is not a checkpoint file")
-        return path
-    return None
+        try:
+            checkpoint = read_checkpoint(path)
+        except UnreadableCheckpoint as error:
+            raise ConfigError("ckpt_path", str(error)) from None
+        return StartPoint(path, logging_step_of(checkpoint), elapsed_of(checkpoint))
+    return StartPoint()

@@ -14,16 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lightrlhf import threads
 from lightrlhf.errors import ConfigError, UserError
 from lightrlhf.io import ensure_writable_dir
 from lightrlhf.launch import record, report
 from lightrlhf.launch.build import build
 from lightrlhf.launch.cli import exit_for_user_error
-from lightrlhf.launch.parts import build_stage, build_trainer
+from lightrlhf.launch.parts import ClaimRunDirectory, build_stage, build_trainer
 from lightrlhf.launch.pipeline import run_pipeline
 from lightrlhf.launch.relaunch import is_rank_zero, rank_relaunch_command
 from lightrlhf.validation import positive
@@ -99,29 +99,30 @@ def run_stage(cfg: DictConfig, run_dir: Path, overrides: list[str], choices: dic
         return run_pipeline(cfg, run_dir, overrides, choices, config_name, run_step=run_stage)
     plain = to_plain(cfg)
     settings = _settings(plain)
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    adaptive_threads = threads.configure(settings.threads)  # README, "Threads"
 
     import lightning as L
 
     L.seed_everything(settings.seed, workers=True, verbose=False)
-    ckpt_path = record.checkpoint_to_load(run_dir, bool(settings.resume), settings.ckpt_path)
+    start = record.start_point(run_dir, bool(settings.resume), settings.ckpt_path)
     # step 2. build: everything that can be wrong with the config or the data is found here, before
-    # the run directory is claimed (run.json) and before any training starts.
+    # any training starts. The run claims its directory (run.json) only when its first batch starts.
     stage, datamodule = build_stage(plain)
-    trainer = build_trainer(plain, ckpt_path)
-    if is_rank_zero():
-        record.write_record(run_dir, overrides, choices, cfg)
+    claim = ClaimRunDirectory(lambda: record.write_record(run_dir, overrides, choices, cfg) if is_rank_zero() else None)
+    trainer = build_trainer(plain, start, started, [claim, adaptive_threads])
     log.info("run directory: %s", run_dir)
     # step 3. fit
-    with rank_relaunch_command(run_dir, overrides, resuming=bool(settings.resume)):
-        trainer.fit(stage, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    ckpt_path = str(start.checkpoint) if start.checkpoint else None
+    with record.unclaimed_on_failure(run_dir, trainer.loggers), \
+            rank_relaunch_command(run_dir, overrides, resuming=bool(settings.resume)):
+        trainer.fit(stage, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     for callback in trainer.callbacks:  # SIGINT/SIGTERM: the checkpoint callback says what it saved
         interrupted = getattr(callback, "interruption", lambda _: None)(run_dir)
         if interrupted is not None:
             raise interrupted
     if trainer.interrupted:
         raise KeyboardInterrupt
+    claim.claim()  # a fit with no batch left to train (its checkpoint already at the budget)
     # step 4. the final metrics describe the final weights, whatever val_check_interval was
     training_metrics = report.collect_metrics(trainer, stage)
     if stage.last_validated_step != trainer.global_step:
@@ -134,7 +135,7 @@ def run_stage(cfg: DictConfig, run_dir: Path, overrides: list[str], choices: dic
         stage.export(run_dir / "export", config=exported_config, metrics=metrics, merged=settings.export.merged)
     if trainer.is_global_zero:
         summary = {"status": "completed", "stage": choices.get("stage"), "global_step": trainer.global_step,
-                   "wall_time_s": round(time.perf_counter() - started, 2), "optimized_metric": name,
+                   "wall_time_s": round(start.elapsed_s + time.perf_counter() - started, 2), "optimized_metric": name,
                    "optimized_value": value, "optimized_mode": mode, "metrics": metrics,
                    "data": dict(getattr(datamodule, "summary", {}))}
         report.publish(summary, run_dir, trainer, stage.default_metric, overrides)
