@@ -76,6 +76,17 @@ def scalar_curve(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
+def every_curve(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag but `time/*` (wall-clock seconds, different in any two runs), as TensorBoard
+    shows the run's directory (restarts purged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"] if not tag.startswith("time/")}
+
+
 FAULTS = [str(Path(__file__).parent / "support" / "run_with_faults.py")]
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 import torch
-from conftest import run_in_process, scalar_curve, train_cli, train_with_fault
+from conftest import run_in_process, scalar_curve, train_cli
 from safetensors.torch import load_file
 
 from lightrlhf.errors import UserError
@@ -282,35 +281,6 @@ def test_ppo_run_checkpoint_holds_adapters_and_stage_state_not_the_base(exports,
         assert beta[i + 1] == pytest.approx(expected, rel=1e-6) and beta[i + 1] != beta[i]
     assert state["kl_controller"]["value"] == pytest.approx(beta[2] * (1 + min(max(kl[2] / 4.0 - 1, -0.2), 0.2) * 8 / 10000),
                                                             rel=1e-6)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("fault", ["kill_after_checkpoint:2", "kill_during_checkpoint:3"])
-def test_ppo_killed_and_resumed_equals_uninterrupted(exports, tmp_path, fault):
-    """SIGKILL right after a checkpoint, or halfway through writing one (the torn file is ignored)."""
-    args = ppo_args(exports, "stage.rollouts=4", "trainer.val_check_interval=2", "callbacks.checkpoint.every_n_steps=8")
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert train_cli(args + [f"hydra.run.dir={straight}"]).returncode == 0
-    done = train_with_fault(fault, args + [f"hydra.run.dir={killed}"])
-    assert done.returncode == -signal.SIGKILL
-    resumed = train_cli([f"resume={killed}"])
-    assert resumed.returncode == 0, resumed.stderr
-    a = load_file(straight / "export" / "adapter_model.safetensors")
-    b = load_file(killed / "export" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ma = json.loads((straight / "metrics.json").read_text())["metrics"]
-    mb = json.loads((killed / "metrics.json").read_text())["metrics"]
-    timing = {k for k in ma if k.startswith("time/")}
-    assert {k: v for k, v in ma.items() if k not in timing} == {k: v for k, v in mb.items() if k not in timing}
-    # the training curves continue: points the killed run wrote after its checkpoint are hidden, the
-    # checkpointed rollout's own point (logged by Lightning after the checkpoint) is written again
-    for tag in ("objective/kl", "policy/loss", "reward/length_mean"):
-        assert scalar_curve(killed, tag) == scalar_curve(straight, tag), tag
-    # an evaluation due right at the checkpointed rollout is lost when the kill falls between the two
-    # (README, "when things go wrong"); every other evaluation point is there, once, with its value
-    evaluations = scalar_curve(killed, "eval/gold_score")
-    assert len({step for step, _ in evaluations}) == len(evaluations)
-    assert set(evaluations) <= set(scalar_curve(straight, "eval/gold_score")) and len(evaluations) >= 2
 
 
 @pytest.mark.slow

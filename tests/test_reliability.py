@@ -17,7 +17,7 @@ import signal
 
 import pytest
 import torch
-from conftest import train_cli, train_with_fault
+from conftest import every_curve, train_cli, train_with_fault
 from safetensors.torch import load_file
 
 SFT = ["stage=sft", "trainer.max_steps=30", "trainer.val_check_interval=15", "callbacks.checkpoint.every_n_steps=10",
@@ -33,18 +33,8 @@ def _ppo(exports) -> list[str]:
             "trainer.val_check_interval=3", "callbacks.checkpoint.every_n_steps=16"]
 
 
-def curves(run_dir) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar tag but `time/*`, as TensorBoard shows the run's directory (restarts purged)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir / "tb"))
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
-            for tag in events.Tags()["scalars"] if not tag.startswith("time/")}
-
-
 def _assert_same_curves(run_dir, reference):
-    got, want = curves(run_dir), curves(reference)
+    got, want = every_curve(run_dir), every_curve(reference)
     assert sorted(got) == sorted(want)
     for tag in want:
         assert got[tag] == want[tag], tag
@@ -102,7 +92,7 @@ def test_killed_and_resumed_every_curve_equals_the_uninterrupted_run(straight, t
     run_dir = tmp_path / "killed"
     killed = train_with_fault(fault, _args(stage, request) + [f"hydra.run.dir={run_dir}"])
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert curves(run_dir), "the killed run should have written points"
+    assert every_curve(run_dir), "the killed run should have written points"
     torn = fault.startswith("kill_during_checkpoint")
     assert bool(_checkpoints(run_dir)) == (not fault.startswith("kill_at_batch") and fault != "kill_during_checkpoint:1")
     assert bool(_temp_files(run_dir)) == torn

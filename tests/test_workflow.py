@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import CONF, ROOT, scalar_curve, train_cli, train_with_fault
+from conftest import CONF, ROOT, every_curve, scalar_curve, train_cli, train_with_fault
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 pytestmark = pytest.mark.slow
@@ -90,13 +90,25 @@ def test_a_pipeline_and_its_resume_compose_each_step_once(tmp_path, monkeypatch,
     assert json.loads((run_dir / "rm" / "run.json").read_text())["launches"] == 2
 
 
+# checkpoints every 7 steps, evaluations every 30: never at the same step (README, "When things go wrong")
+ANY_MOMENT = ["stage=sft", "trainer.max_steps=120", "callbacks.checkpoint.every_n_steps=7",
+              "trainer.val_check_interval=30", "trainer.log_every_n_steps=1", "stage.eval.num_prompts=32"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_sft(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    done = train_cli(ANY_MOMENT + [f"hydra.run.dir={run_dir}"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
 @pytest.mark.parametrize("after_seconds", [1.5, 3.5, 5.5])
-def test_sigkill_at_any_moment_then_resume_continues_the_curves_once(tmp_path, after_seconds):
-    """Killed at a wall-clock moment after the run started (not at a hook): in a write, a step, a validation."""
+def test_sigkill_at_any_moment_then_resume_continues_the_curves_once(tmp_path, uninterrupted_sft, after_seconds):
+    """Killed at a wall-clock moment after training started (not at a hook): in a write, a step, a
+    validation. Resumed, every curve equals the uninterrupted run's, tag for tag, step for step."""
     run_dir = tmp_path / "run"
-    args = ["stage=sft", "trainer.max_steps=120", "callbacks.checkpoint.every_n_steps=7",
-            "trainer.val_check_interval=30", "trainer.log_every_n_steps=1", "stage.eval.num_prompts=32",
-            f"hydra.run.dir={run_dir}"]
+    args = ANY_MOMENT + [f"hydra.run.dir={run_dir}"]
     process = subprocess.Popen([sys.executable, str(ROOT / "train.py")] + args, cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**__import__("os").environ,
                                                                                          "OMP_NUM_THREADS": "1"})
@@ -112,6 +124,10 @@ def test_sigkill_at_any_moment_then_resume_continues_the_curves_once(tmp_path, a
     assert record["status"] == "completed" and record["global_step"] == 120
     steps = [step for step, _ in scalar_curve(run_dir, "train/loss")]
     assert steps == list(range(120)), steps  # continued: every step once, none twice, none missing
+    got, want = every_curve(run_dir), every_curve(uninterrupted_sft)
+    assert sorted(got) == sorted(want)
+    for tag in want:
+        assert got[tag] == want[tag], tag
 
 
 def test_grid_sweep_reports_a_failed_run_without_stopping_the_others(tmp_path):
