@@ -88,9 +88,9 @@ def test_yaml_composes_and_builds_a_critic_free_stage(exports, tmp_path, stage_n
 @pytest.mark.parametrize("override, message", [
     ("stage.group.group_size=1", "config stage.group.group_size: must be >= 2 (a group baseline compares the k "
                                  "responses to one prompt), got 1"),
-    ("stage.group.loss_aggregation=sum", "config stage.group.loss_aggregation: must be one of ['token_mean', "
-                                         "'seq_mean', 'dr_grpo'], got 'sum'"),
-    ("stage.kl.kl_in=logits", "config stage.kl.kl_in: must be one of ['reward', 'loss'], got 'logits'"),
+    ("stage.group.loss_aggregation=sum", "config stage.group.loss_aggregation: expected one of 'token_mean', "
+                                         "'seq_mean', 'dr_grpo', got str 'sum'"),
+    ("stage.kl.kl_in=logits", "config stage.kl.kl_in: expected one of 'reward', 'loss', got str 'logits'"),
     ("stage.group.num_minibatches=3", "config stage.group.num_minibatches: must divide the rollout's rows "
                                       "(stage.datamodule.batch_size x group_size = 16), got 3"),
 ])
