@@ -217,3 +217,17 @@ def test_killed_after_a_checkpoint_and_resumed_equals_uninterrupted(exports, tmp
     assert {k: v for k, v in ma.items() if k not in timing} == {k: v for k, v in mb.items() if k not in timing}
     for tag in ("objective/kl", "policy/loss", "policy/kl_loss", "reward/length_mean", "group/reward_std"):
         assert scalar_curve(killed, tag) == scalar_curve(straight, tag), tag
+
+
+def test_the_pipeline_summary_reports_the_gold_gain_of_grpo_like_ppo():
+    from lightrlhf.launch.pipeline import summarise, summary_table
+
+    results = {"sft": {"stage": "sft", "metrics": {"eval/gold_score": 0.5, "eval/gold_score_std": 0.6}},
+               "grpo": {"stage": "grpo", "metrics": {"eval/gold_score": 1.1, "eval/gold_score_initial": 0.5,
+                                                     "eval/gold_score_std_initial": 0.6, "eval/kl": 2.0}}}
+    summary = summarise(results, 10.0)
+    # (1.1 - 0.5) / 0.6 = 1.0 standard deviations of the SFT policy
+    assert summary["gold_score"]["grpo_gain_in_sft_std"] == pytest.approx(1.0)
+    assert summary["steps"]["grpo"]["metrics"] == {"eval/kl": 2.0}
+    assert any(line.startswith("  GRPO vs its SFT start") and "+1.00 standard deviations" in line
+               for line in summary_table(summary))
