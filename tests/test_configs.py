@@ -29,16 +29,20 @@ def options():
             yield group, path.stem
 
 
+ONLINE_STAGES = ("ppo", "grpo", "rloo")  # start from an SFT export and a reward model
+
+
 def _needs_exports(group: str, option: str) -> bool:
-    return (group, option) in (("stage", "ppo"), ("data", "demo_prompts"))
+    return (group == "stage" and option in ONLINE_STAGES) or (group, option) == ("data", "demo_prompts")
 
 
 @pytest.mark.parametrize("group,option", list(options()), ids=lambda v: str(v))
 def test_every_config_composes_and_builds(group, option, tmp_path, request):
     extra = REQUIRED.get((group, option), []) + ON_CPU.get((group, option), [])
-    if _needs_exports(group, option):  # PPO starts from an SFT export and a reward model
+    if _needs_exports(group, option):  # PPO, GRPO, RLOO start from an SFT export and a reward model
         exports = request.getfixturevalue("exports")
-        extra += ["stage=ppo", "data=demo_prompts", f"policy.init={exports / 'sft' / 'export'}",
+        stage = option if group == "stage" else "ppo"
+        extra += [f"stage={stage}", "data=demo_prompts", f"policy.init={exports / 'sft' / 'export'}",
                   f"reward.path={exports / 'rm' / 'export'}"]
     cfg = compose([f"{group}={option}"] + extra, tmp_path)
     plain = to_plain(cfg)

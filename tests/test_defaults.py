@@ -50,7 +50,8 @@ from lightrlhf.launch.run import RunSettings, to_plain
 EMPTY = inspect.Parameter.empty
 TARGET, PARTIAL = "_target_", "_partial_"
 # the data each stage is usually run with (test_configs.py composes the same pairs)
-STAGE_DATA = {"rm": ["data=demo_pref"], "ppo": ["data=demo_prompts"]}
+STAGE_DATA = {"rm": ["data=demo_pref"], "ppo": ["data=demo_prompts"], "grpo": ["data=demo_prompts"],
+              "rloo": ["data=demo_prompts"]}
 # blocks a stage file defines next to `stage` (PPO's roles)
 ROLE_BLOCKS = ("policy", "value", "reward")
 # arguments the launcher passes at build time (launch/run.py: build_stage), never config keys

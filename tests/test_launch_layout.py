@@ -57,7 +57,9 @@ def test_importing_launch_loads_no_heavy_library():
 
 # -- the stage contract ----------------------------------------------------------------------------
 STAGES = {"sft": (["stage=sft"], "SFTStage"), "rm": (["stage=rm", "data=demo_pref"], "RewardModelStage"),
-          "ppo": (["stage=ppo", "data=demo_prompts"], "PPOStage")}
+          "ppo": (["stage=ppo", "data=demo_prompts"], "PPOStage"),
+          "grpo": (["stage=grpo", "data=demo_prompts"], "GRPOStage"),
+          "rloo": (["stage=rloo", "data=demo_prompts"], "GRPOStage")}
 
 
 @pytest.mark.parametrize("name", list(STAGES))
@@ -67,7 +69,7 @@ def test_every_shipped_stage_keeps_the_stage_contract(name, tmp_path, request):
     from lightrlhf.stages.base import Stage
 
     overrides, class_name = STAGES[name]
-    if name == "ppo":  # PPO starts from an SFT export and a reward model
+    if name in ("ppo", "grpo", "rloo"):  # online stages start from an SFT export and a reward model
         exports = request.getfixturevalue("exports")
         overrides = overrides + [f"policy.init={exports / 'sft' / 'export'}",
                                  f"reward.path={exports / 'rm' / 'export'}"]

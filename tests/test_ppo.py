@@ -26,7 +26,7 @@ def ppo_args(exports, *extra):
 def actor_critic(exports, tiny_spec):
     torch.manual_seed(0)
     return load_actor_critic(tiny_spec, _tokenizer(tiny_spec), PolicySpec(str(exports / "sft" / "export")),
-                             value=ValueSpec("auto"), reward=RewardSpec(path=str(exports / "rm" / "export")))
+                             value=ValueSpec("auto"), reward=RewardSpec(path=str(exports / "rm" / "export")), critic=True)
 
 
 def _tokenizer(spec):
@@ -176,12 +176,14 @@ def test_early_stop_on_approx_kl_skips_the_remaining_updates(actor_critic, monke
 def test_value_init_reward_needs_a_shared_base(exports, tiny_spec):
     with pytest.raises(UserError, match="value.init: 'reward' needs a reward model on the policy's base"):
         load_actor_critic(tiny_spec, _tokenizer(tiny_spec), PolicySpec(str(exports / "sft" / "export")),
-                          value=ValueSpec("reward"), reward=RewardSpec(path=str(exports / "rm_raw_base" / "export")))
+                          value=ValueSpec("reward"), reward=RewardSpec(path=str(exports / "rm_raw_base" / "export")),
+                          critic=True)
 
 
 def test_reward_model_on_another_base_is_loaded_separately(exports, tiny_spec):
     model = load_actor_critic(tiny_spec, _tokenizer(tiny_spec), PolicySpec(str(exports / "sft" / "export")),
-                              value=ValueSpec("auto"), reward=RewardSpec(path=str(exports / "rm_raw_base" / "export")))
+                              value=ValueSpec("auto"), reward=RewardSpec(path=str(exports / "rm_raw_base" / "export")),
+                              critic=True)
     assert not model.shares_reward_base and model.separate_reward is not None
     assert model.value_head.linear.weight.abs().sum().item() == 0.0  # fresh value head
     stage = _stage(model)
@@ -194,7 +196,7 @@ def test_reward_model_on_another_base_is_loaded_separately(exports, tiny_spec):
 def test_an_sft_export_given_as_the_reward_model_is_refused(exports, tiny_spec):
     with pytest.raises(UserError, match=r"reward.path: .* is a causal_lm export \(from stage 'sft'\), not a reward model"):
         load_actor_critic(tiny_spec, _tokenizer(tiny_spec), PolicySpec(None), value=ValueSpec("auto"),
-                          reward=RewardSpec(path=str(exports / "sft" / "export")))
+                          reward=RewardSpec(path=str(exports / "sft" / "export")), critic=True)
 
 
 def test_tripwires():

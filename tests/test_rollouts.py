@@ -34,7 +34,7 @@ def test_without_a_critic_there_is_no_value_adapter_and_nothing_of_it_trains(act
     with pytest.raises(RuntimeError, match="without a critic"):
         actor.values(torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.long))
     with_critic = load_actor_critic(tiny_spec, tiny_tokenizer, PolicySpec(None), reward=REWARD,
-                                    value=ValueSpec("fresh"))
+                                    value=ValueSpec("fresh"), critic=True)
     assert with_critic.has_critic and "value" in with_critic.module.peft_config
     assert any(n.startswith("value_head.") for n in with_critic.trainable_parameter_names())
 

@@ -259,8 +259,9 @@ class PromptDataModule(_SourceDataModule):
 
     kind = "prompt"
 
-    def __init__(self, source: DataSource, tokenizer, batch_size: int = 64, eval_batch_size: int | None = 128,
+    def __init__(self, source: DataSource, tokenizer, batch_size: int, eval_batch_size: int | None = 128,
                  num_workers: int = 0, seed: int = 0, max_eval_prompts: int | None = None):
+        # batch_size (prompts per rollout) has no default: PPO (64) and GRPO (16 x k responses) differ
         super().__init__(source, tokenizer, batch_size, eval_batch_size, num_workers, seed)
         self.max_eval_prompts = max_eval_prompts
 

@@ -172,7 +172,10 @@ HEADLINES = {
     "sft": ("val/loss", "val/perplexity"),
     "rm": ("val/accuracy", "val/gold_accuracy", "val/annotator_gold_agreement", "val/ece"),
     "ppo": ("eval/reward", "eval/kl", "eval/win_rate_vs_sft", "eval/length_mean"),
+    "grpo": ("eval/reward", "eval/kl", "eval/win_rate_vs_sft", "eval/length_mean"),
+    "rloo": ("eval/reward", "eval/kl", "eval/win_rate_vs_sft", "eval/length_mean"),
 }
+ONLINE = ("ppo", "grpo", "rloo")  # stages that measure their start (the SFT policy) and their end
 
 
 def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -187,22 +190,24 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         steps[name] = {"stage": stage, "wall_time_s": record.get("wall_time_s"),
                        "global_step": record.get("global_step"),
                        "metrics": {k: metrics[k] for k in keys if k in metrics}}
-        # the hidden gold score along the pipeline: untrained base -> SFT -> PPO
+        # the hidden gold score along the pipeline: untrained base -> SFT -> PPO (or GRPO, RLOO)
         if stage == "sft" and "eval/gold_score" in metrics:
             gold.setdefault("untrained", metrics.get("eval/gold_score_initial"))
             gold["sft"] = metrics["eval/gold_score"]
             gold["sft_std"] = metrics.get("eval/gold_score_std")
-        if stage == "ppo" and "eval/gold_score" in metrics:
-            # PPO measures its start (the SFT policy) and its end on the same prompts with the same seed
-            gold["ppo_start"] = metrics.get("eval/gold_score_initial")
-            gold["ppo_start_std"] = metrics.get("eval/gold_score_std_initial")
-            gold["ppo"] = metrics["eval/gold_score"]
+        if stage in ONLINE and "eval/gold_score" in metrics:
+            # an online stage measures its start (the SFT policy) and its end on the same prompts and seed
+            gold[f"{stage}_start"] = metrics.get("eval/gold_score_initial")
+            gold[f"{stage}_start_std"] = metrics.get("eval/gold_score_std_initial")
+            gold[stage] = metrics["eval/gold_score"]
     wall_time_s = sum(step["wall_time_s"] for step in steps.values() if step["wall_time_s"] is not None)
     summary: dict[str, Any] = {"wall_time_s": round(wall_time_s, 1), "steps": steps}
     if gold:
         summary["gold_score"] = {k: v for k, v in gold.items() if v is not None}
-        if gold.get("ppo_start") is not None and gold.get("ppo_start_std"):
-            summary["gold_score"]["ppo_gain_in_sft_std"] = (gold["ppo"] - gold["ppo_start"]) / gold["ppo_start_std"]
+        for stage in ONLINE:
+            if gold.get(f"{stage}_start") is not None and gold.get(f"{stage}_start_std"):
+                summary["gold_score"][f"{stage}_gain_in_sft_std"] = (
+                    (gold[stage] - gold[f"{stage}_start"]) / gold[f"{stage}_start_std"])
     return summary
 
 
@@ -214,10 +219,12 @@ def summary_table(summary: dict[str, Any]) -> list[str]:
         lines.append(f"| {name} | {step['stage']} | {wall} | {shown} |")
     gold = summary.get("gold_score")
     if gold:
-        parts = [f"{k} {gold[k]:.3f}" for k in ("untrained", "sft", "ppo") if k in gold]
+        parts = [f"{k} {gold[k]:.3f}" for k in ("untrained", "sft") + ONLINE if k in gold]
         lines.append(f"hidden gold score: {' -> '.join(parts)}")
-        if "ppo_gain_in_sft_std" in gold:
-            lines.append(f"  PPO vs its SFT start on the same held-out prompts: {gold['ppo_start']:.3f} -> "
-                         f"{gold['ppo']:.3f} ({gold['ppo_gain_in_sft_std']:+.2f} standard deviations of the SFT policy)")
+        for stage in ONLINE:
+            if f"{stage}_gain_in_sft_std" in gold:
+                lines.append(f"  {stage.upper()} vs its SFT start on the same held-out prompts: "
+                             f"{gold[f'{stage}_start']:.3f} -> {gold[stage]:.3f} "
+                             f"({gold[f'{stage}_gain_in_sft_std']:+.2f} standard deviations of the SFT policy)")
     lines.append(f"total wall time: {summary['wall_time_s']:.0f} s")
     return lines

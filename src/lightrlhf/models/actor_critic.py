@@ -166,10 +166,11 @@ class ActorCritic(nn.Module):
         return super().train(False)
 
 
-def load_actor_critic(spec: ModelSpec, tokenizer, policy: PolicySpec, reward, value: ValueSpec | None = None,
-                      critic: bool = True) -> ActorCritic:
+def load_actor_critic(spec: ModelSpec, tokenizer, policy: PolicySpec, reward, value: ValueSpec | None = None, *,
+                      critic: bool) -> ActorCritic:
     """Config target of the online stages (`reward` is a `lightrlhf.rewards.spec.RewardSpec`).
-    `critic=false` (GRPO, RLOO, best-of-n) builds no value adapter and no value head."""
+    `critic=false` (GRPO, RLOO, best-of-n) builds no value adapter and no value head; it has no
+    default because the stages' configs differ in it."""
     from peft import get_peft_model
 
     base_spec = spec if policy.init is None else replace(spec, name_or_path=policy.init)

@@ -16,7 +16,8 @@ from torch import Tensor
 from lightrlhf.rl.masked import masked_mean, masked_sum, masked_var
 from lightrlhf.validation import one_of
 
-Aggregation = Literal["token_mean", "seq_mean"]
+Aggregation = Literal["token_mean", "seq_mean", "dr_grpo"]
+AGGREGATIONS = ("token_mean", "seq_mean", "dr_grpo")
 
 
 @dataclass
@@ -33,16 +34,21 @@ class ValueLossResult:
     clipfrac: Tensor
 
 
-def aggregation_normalizer(mask: Tensor, aggregation: Aggregation) -> Tensor:
-    """The count `aggregate` divides by for this mask: its valid tokens (token_mean) or its rows
-    with at least one valid token (seq_mean), as a float scalar, at least 1 (so an all-padding
+def aggregation_normalizer(mask: Tensor, aggregation: Aggregation, max_new_tokens: int | None = None) -> Tensor:
+    """The count `aggregate` divides by for this mask: its valid tokens (token_mean), its rows
+    with at least one valid token (seq_mean), or rows x max_new_tokens (dr_grpo: a constant that
+    does not depend on what was sampled), as a float scalar, at least 1 (so an all-padding
     batch gives a loss of 0, not NaN, as masked_mean does).
 
     Taken on a whole minibatch and passed as `normalizer` to each of its micro-batches, it makes
     the micro-batch losses (and their gradients) sum exactly to the minibatch's loss.
     """
-    one_of("aggregation", aggregation, ("token_mean", "seq_mean"))
+    one_of("aggregation", aggregation, AGGREGATIONS)
     valid = mask.bool()
+    if aggregation == "dr_grpo":
+        if max_new_tokens is None:
+            raise ValueError("dr_grpo divides by rows x max_new_tokens: pass max_new_tokens")
+        return torch.tensor(float(max(1, mask.shape[0] * max_new_tokens)))
     count = valid.sum() if aggregation == "token_mean" else valid.any(dim=-1).sum()
     return count.clamp(min=1).float()
 
@@ -59,12 +65,23 @@ def aggregate(
       with a negative advantage a long response is penalised less per token, which Liu et al. 2025
       ("Understanding R1-Zero-Like Training", Dr. GRPO) show makes wrong answers grow longer.
       Rows with no valid token are left out of the mean over sequences.
+    dr_grpo: sum over all valid tokens / (rows x max_new_tokens) (Liu et al. 2025, Dr. GRPO): a
+      constant divisor, so every token weighs the same in every batch, whatever the lengths; the
+      gradient is the unbiased policy gradient of the summed sequence objective, scaled by a
+      constant. token_mean's divisor instead grows with the batch's total length, which dampens
+      the tokens of a batch of long answers (a mild length dependence, through the batch); seq_mean
+      is the biased one above. `normalizer` is required (aggregation_normalizer with max_new_tokens):
+      the width of a rollout is its longest response, not max_new_tokens.
 
     normalizer: the count to divide by instead of this batch's own (valid tokens for token_mean,
     rows with a valid token for seq_mean); None = this batch's own. A micro-batch passes its
     minibatch's `aggregation_normalizer`, so that it contributes its share of the minibatch mean.
     """
-    one_of("aggregation", aggregation, ("token_mean", "seq_mean"))
+    one_of("aggregation", aggregation, AGGREGATIONS)
+    if aggregation == "dr_grpo":
+        if normalizer is None:
+            raise ValueError("dr_grpo needs normalizer = rows x max_new_tokens (aggregation_normalizer)")
+        return masked_sum(per_token, mask) / normalizer
     if aggregation == "token_mean":
         if normalizer is None:
             return masked_mean(per_token, mask)

@@ -25,16 +25,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from lightrlhf.data.modules import PromptDataModule
-from lightrlhf.models.actor_critic import POLICY, ActorCritic
-from lightrlhf.models.export import export_policy_adapter
-from lightrlhf.rewards.scorer import Scorer
+from lightrlhf.models.actor_critic import ActorCritic
 from lightrlhf.rewards.spec import RewardSpec
 from lightrlhf.rl import (
     aggregation_normalizer,
@@ -50,14 +47,12 @@ from lightrlhf.rl import (
     value_objective,
 )
 from lightrlhf.rl.kl_control import KLSpec
-from lightrlhf.rollouts.evaluation import PolicyEvaluation
-from lightrlhf.rollouts.rollout import Rollout, chunks, roll_out, sample_responses, scoring_temperature
+from lightrlhf.rollouts.rollout import Rollout, roll_out, scoring_temperature
 from lightrlhf.rollouts.specs import EvalSpec, GenerationSpec
-from lightrlhf.stages.base import StageModule
-from lightrlhf.training.alerts import AlertSpec, Tripwires
+from lightrlhf.stages.online import OnlineStage, merge_micro_batches
+from lightrlhf.training.alerts import AlertSpec
 from lightrlhf.training.numerics import NumericsSpec, gradient_norm
 from lightrlhf.training.optim import OptimizerSpec, SchedulerSpec
-from lightrlhf.training.reporting import log_data_summary, markdown_table
 from lightrlhf.validation import in_range, non_negative, one_of, positive, require
 
 log = logging.getLogger(__name__)
@@ -135,7 +130,7 @@ def check_minibatches(batch_size: int, ppo: PPOSpec) -> None:
                 f"must divide the minibatch ({minibatch} rows), got {ppo.micro_batch_size}")
 
 
-class PPOStage(StageModule):
+class PPOStage(OnlineStage):
     default_metric = "eval/reward"
     stage_name = "ppo"
 
@@ -155,36 +150,14 @@ class PPOStage(StageModule):
         non_negative("samples_every", samples_every)
         if not model.has_critic:
             raise ValueError("PPO needs a critic: build the model with load_actor_critic(critic=true)")
-        self.model, self.datamodule = model, datamodule
-        self.generation, self.kl_spec, self.ppo = generation or GenerationSpec(), kl or KLSpec(), ppo or PPOSpec()
+        self.kl_spec, self.ppo = kl or KLSpec(), ppo or PPOSpec()
+        self._init_online(model, datamodule, reward, generation, eval, alerts, self.kl_spec.target, seed,
+                          self.ppo.forward_batch_size)
         if datamodule is not None:
             check_minibatches(datamodule.batch_size, self.ppo)
         self.value_lr_scale, self.rollouts = value_lr_scale, rollouts
         self.exploration_epsilon, self.samples_every = exploration_epsilon, samples_every
-        self.eval_spec = eval or EvalSpec()
-        self.scorer = Scorer(reward, model.reward_model(self.ppo.forward_batch_size))
-        self.evaluation = PolicyEvaluation(model, self.scorer, self.generation, self.eval_spec,
-                                           getattr(datamodule, "evaluator", None), self.ppo.forward_batch_size)
-        # the stage's own state, all of it checkpointed
-        self.kl_controller = self.kl_spec.controller()
-        self.tripwires = Tripwires(alerts or AlertSpec(), self.kl_spec.target)
-        self.rollout_count = 0
-        self.sampler = torch.Generator().manual_seed(seed)
-        self.initial_eval: dict[str, float] = {}
-        self.eval_results: dict[str, float] = {}
-        self._eval_rows: list[dict[str, Any]] = []
-
-    def setup(self, stage: str) -> None:
-        if self.trainer is not None and self.trainer.world_size > 1:
-            from lightrlhf.errors import UserError
-
-            raise UserError("config trainer: stage=ppo runs on one process (each rollout makes several backward "
-                            "passes, which data-parallel wrappers do not allow); use trainer=default or trainer=gpu")
-
-    def train(self, mode: bool = True) -> PPOStage:
-        super().train(mode)
-        self.model.eval()  # detail: dropout stays off in rollouts and updates (see ActorCritic.train)
-        return self
+        self.kl_controller = self.kl_spec.controller()  # checkpointed with the online state
 
     # -- steps 1 to 4: roll out, score, per-token rewards, advantages ------------------------------
     def rollout(self, prompt_ids: list[list[int]], prompts: list[str], raw_prompts: list | None = None) -> PPOBatch:
@@ -225,7 +198,7 @@ class PPOStage(StageModule):
                 normalizer = aggregation_normalizer(batch.rollout.mask[chosen], self.ppo.loss_aggregation)
                 optimizer.zero_grad()
                 parts = [self._loss(batch, chosen[i:i + micro], normalizer) for i in range(0, len(chosen), micro)]
-                merged = merge_micro_batches(parts)
+                merged = merge_micro_batches(parts, additive=("policy/loss", "policy/entropy", "val/loss"))
                 if self.ppo.max_approx_kl is not None and merged["policy/approxkl"] > self.ppo.max_approx_kl:
                     # detail: early stop -- the policy already moved too far from the rollout policy;
                     # this minibatch's step is not taken, nor any after it.
@@ -329,83 +302,6 @@ class PPOStage(StageModule):
         metrics.update(stats)
         return metrics
 
-    # -- the initial (SFT) policy: normaliser statistics and tripwire baseline ---------------------
-    def on_train_start(self) -> None:
-        if self.rollout_count == 0 and not self.tripwires.baseline:
-            log_data_summary(self.logger, self.datamodule.summary)
-            self.measure_baseline()
-            if self.eval_spec.at_start:
-                self.initial_eval = self.evaluate()
-                if self.logger is not None:
-                    self.logger.log_metrics(dict(self.initial_eval), step=0)
-
-    @torch.no_grad()
-    def measure_baseline(self) -> None:
-        """Sample the initial policy (= SFT: the adapter starts at zero) on the first training prompts:
-        its scores set the normaliser, its length and EOS rate the tripwires' baseline."""
-        dm = self.datamodule
-        features = dm.train_set.items[: max(1, self.scorer.spec.normalize.init_rollouts) * dm.batch_size]
-        generator = torch.Generator().manual_seed(self.eval_spec.seed + 1)
-        scores, lengths, eos = [], [], []
-        for rows in chunks(len(features), dm.batch_size):
-            chunk = features[rows]
-            responses = sample_responses(self.model, [f.prompt_ids for f in chunk], [f.prompt_text for f in chunk],
-                                         [dm.train_examples[f.index].prompt for f in chunk], self.generation,
-                                         generator)
-            scores.append(self.scorer.score(responses)[0])
-            lengths.append(responses.lengths)
-            eos.append(responses.ended_with_eos.float())
-        scores_all = torch.cat(scores)
-        self.scorer.calibrate(scores_all)
-        baseline = {"score_mean": scores_all.mean().item(), "score_std": scores_all.std().item(),
-                    "length_mean": torch.cat(lengths).mean().item(), "frac_ended_with_eos": torch.cat(eos).mean().item()}
-        self.tripwires.baseline = baseline
-        log.info("initial policy over %d rollouts: score %.3f +- %.3f, length %.1f, %.0f%% end with EOS",
-                 len(scores_all), baseline["score_mean"], baseline["score_std"], baseline["length_mean"],
-                 100 * baseline["frac_ended_with_eos"])
-
-    # -- evaluation --------------------------------------------------------------------------------
-    def _raw_prompts(self, batch: dict[str, Any], train: bool) -> list:
-        examples = self.datamodule.train_examples if train else self.datamodule.val_examples
-        return [examples[int(i)].prompt for i in batch["index"]]
-
-    def _evaluate_batch(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        return self.evaluation.batch(batch["prompt_ids"], batch["prompt_text"], self._raw_prompts(batch, train=False),
-                                     batch_idx)
-
-    def evaluate(self) -> dict[str, float]:
-        return self._summarise([self._evaluate_batch(b, i) for i, b in enumerate(self.datamodule.val_dataloader())])
-
-    def _summarise(self, rows: list[dict[str, Any]]) -> dict[str, float]:
-        if rows:
-            first, n = rows[0], self.eval_spec.num_logged
-            self._log_table("eval_samples", first["prompts"][:n], first["texts"][:n], first["scores"][:n].tolist(),
-                            first["gold"][:n].tolist() if "gold" in first else None)
-        return self.evaluation.summarise(rows)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_rows.append(self._evaluate_batch(batch, batch_idx))
-
-    def on_validation_epoch_end(self) -> None:
-        rows, self._eval_rows = self._eval_rows, []
-        if self.trainer.sanity_checking or not rows:
-            return
-        self.eval_results = self._summarise(rows)
-        for name, value in self.eval_results.items():
-            self.log(name, value, prog_bar=name == "eval/gold_score")
-        self.last_validated_step = self.global_step
-
-    def _log_table(self, tag: str, prompts: list[str], texts: list[str], scores: list[float],
-                   gold: list[float] | None = None) -> None:
-        experiment = getattr(self.logger, "experiment", None)
-        if not hasattr(experiment, "add_text"):
-            return
-        n = self.eval_spec.num_logged
-        header = ["prompt", "completion", "score"] + (["gold"] if gold is not None else [])
-        rows = [[p, t, s] + ([g] if gold is not None else [])
-                for p, t, s, g in zip(prompts[:n], texts[:n], scores[:n], (gold or [None] * n)[:n])]
-        experiment.add_text(tag, markdown_table(header, rows), self.rollout_count)
-
     # -- optimisation and checkpoints --------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         policy = {f"model.{n}" for n in self.model.policy_parameter_names()}
@@ -414,34 +310,8 @@ class PPOStage(StageModule):
         return self.optimizer_and_schedule(groups, self.rollouts * self.ppo.epochs * self.ppo.num_minibatches)
 
     def stage_state(self) -> dict[str, Any]:
-        return {"kl_controller": self.kl_controller.state_dict(), **self.scorer.state_dict(),
-                "rollout_count": self.rollout_count, "sampler": self.sampler.get_state(),
-                **self.tripwires.state_dict(), "initial_eval": dict(self.initial_eval), "eval": dict(self.eval_results)}
+        return {"kl_controller": self.kl_controller.state_dict(), **self.online_state()}
 
     def load_stage_state(self, state: dict[str, Any]) -> None:
         self.kl_controller.load_state_dict(state["kl_controller"])
-        self.scorer.load_state_dict(state)
-        self.rollout_count = int(state["rollout_count"])
-        self.sampler.set_state(state["sampler"])
-        self.tripwires.load_state_dict(state)
-        self.initial_eval, self.eval_results = dict(state["initial_eval"]), dict(state["eval"])
-
-    # -- what the launcher reads -------------------------------------------------------------------
-    def final_metrics(self) -> dict[str, float]:
-        metrics = dict(self.eval_results)
-        metrics.update({f"{k}_initial": v for k, v in self.initial_eval.items()})
-        metrics.update({f"alerts/{k}_count": float(v) for k, v in self.tripwires.fired.items()})
-        metrics["progress/rollouts"] = float(self.rollout_count)
-        return metrics
-
-    def export(self, out_dir: Path, config: dict | None, metrics: dict | None, merged: bool) -> Path:
-        return export_policy_adapter(self.model, POLICY, out_dir, stage="ppo", config=config, metrics=metrics,
-                                     merged=merged)
-
-
-def merge_micro_batches(parts: list[dict[str, float]]) -> dict[str, float]:
-    """One minibatch's statistics from its micro-batches': loss shares add up, means are token-weighted."""
-    tokens = sum(p["tokens"] for p in parts) or 1.0
-    additive = ("policy/loss", "policy/entropy", "val/loss")
-    return {k: (sum(p[k] for p in parts) if k in additive else sum(p[k] * p["tokens"] for p in parts) / tokens)
-            for k in parts[0] if k != "tokens"}
+        self.load_online_state(state)

@@ -1,0 +1,182 @@
+"""What every online method (PPO, GRPO, RLOO) does around its update, in one place.
+
+An online stage samples from its policy, scores the samples (rewards/scorer.py) and updates the
+policy adapter on one frozen base. Around that update they all need the same things, which live here:
+
+- the initial (SFT) policy measured before the first rollout: the scorer's normalisation statistics
+  and the tripwires' baseline (length, EOS rate, score);
+- held-out evaluation in Lightning's validation loop (rollouts/evaluation.py): eval/reward, eval/kl,
+  length, EOS fraction and, on the demo, the gold score and the win rate against the SFT policy;
+- sample tables in TensorBoard, the final metrics and the policy-adapter export.
+
+A subclass owns its `training_step` (rollout -> score -> advantages -> update), its optimizer and its
+own checkpointed state; it sets the attributes `_init_online` documents.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightrlhf.data.modules import PromptDataModule
+from lightrlhf.models.actor_critic import POLICY, ActorCritic
+from lightrlhf.models.export import export_policy_adapter
+from lightrlhf.rewards.scorer import Scorer
+from lightrlhf.rewards.spec import RewardSpec
+from lightrlhf.rollouts.evaluation import PolicyEvaluation
+from lightrlhf.rollouts.rollout import chunks, sample_responses
+from lightrlhf.rollouts.specs import EvalSpec, GenerationSpec
+from lightrlhf.stages.base import StageModule
+from lightrlhf.training.alerts import AlertSpec, Tripwires
+from lightrlhf.training.reporting import log_data_summary, markdown_table
+
+log = logging.getLogger(__name__)
+
+
+class OnlineStage(StageModule):
+    """Base of the online stages (see module docstring)."""
+
+    rollout_group_size = 1  # responses per prompt in a rollout batch (GRPO, RLOO: k)
+
+    def _init_online(self, model: ActorCritic, datamodule: PromptDataModule, reward: RewardSpec,
+                     generation: GenerationSpec | None, eval: EvalSpec | None, alerts: AlertSpec | None,
+                     kl_target: float, seed: int, forward_batch_size: int | None) -> None:
+        self.model, self.datamodule = model, datamodule
+        self.generation = generation or GenerationSpec()
+        self.eval_spec = eval or EvalSpec()
+        self.scorer = Scorer(reward, model.reward_model(forward_batch_size))
+        self.evaluation = PolicyEvaluation(model, self.scorer, self.generation, self.eval_spec,
+                                           getattr(datamodule, "evaluator", None), forward_batch_size)
+        # the stage's own state, all of it checkpointed (with what the subclass adds)
+        self.tripwires = Tripwires(alerts or AlertSpec(), kl_target)
+        self.rollout_count = 0
+        self.sampler = torch.Generator().manual_seed(seed)
+        self.initial_eval: dict[str, float] = {}
+        self.eval_results: dict[str, float] = {}
+        self._eval_rows: list[dict[str, Any]] = []
+
+    def setup(self, stage: str) -> None:
+        if self.trainer is not None and self.trainer.world_size > 1:
+            from lightrlhf.errors import UserError
+
+            raise UserError(f"config trainer: stage={self.stage_name} runs on one process (each rollout makes "
+                            "several backward passes, which data-parallel wrappers do not allow); use "
+                            "trainer=default or trainer=gpu")
+
+    def train(self, mode: bool = True) -> OnlineStage:
+        super().train(mode)
+        self.model.eval()  # detail: dropout stays off in rollouts and updates (see ActorCritic.train)
+        return self
+
+    # -- the initial (SFT) policy: normaliser statistics and tripwire baseline ---------------------
+    def on_train_start(self) -> None:
+        if self.rollout_count == 0 and not self.tripwires.baseline:
+            log_data_summary(self.logger, self.datamodule.summary)
+            self.measure_baseline()
+            if self.eval_spec.at_start:
+                self.initial_eval = self.evaluate()
+                if self.logger is not None:
+                    self.logger.log_metrics(dict(self.initial_eval), step=0)
+
+    @torch.no_grad()
+    def measure_baseline(self) -> None:
+        """Sample the initial policy (= SFT: the adapter starts at zero) on the first training prompts, as
+        `normalize.init_rollouts` rollout batches: its scores set the normaliser, its length and EOS rate
+        the tripwires' baseline."""
+        dm = self.datamodule
+        features = dm.train_set.items[: max(1, self.scorer.spec.normalize.init_rollouts) * dm.batch_size]
+        generator = torch.Generator().manual_seed(self.eval_spec.seed + 1)
+        scores, lengths, eos = [], [], []
+        for rows in chunks(len(features), dm.batch_size):
+            chunk = features[rows]
+            responses = sample_responses(self.model, [f.prompt_ids for f in chunk], [f.prompt_text for f in chunk],
+                                         [dm.train_examples[f.index].prompt for f in chunk], self.generation,
+                                         generator, group_size=self.rollout_group_size)
+            scores.append(self.scorer.score(responses)[0])
+            lengths.append(responses.lengths)
+            eos.append(responses.ended_with_eos.float())
+        scores_all = torch.cat(scores)
+        self.scorer.calibrate(scores_all)
+        baseline = {"score_mean": scores_all.mean().item(), "score_std": scores_all.std().item(),
+                    "length_mean": torch.cat(lengths).mean().item(), "frac_ended_with_eos": torch.cat(eos).mean().item()}
+        self.tripwires.baseline = baseline
+        log.info("initial policy over %d rollouts: score %.3f +- %.3f, length %.1f, %.0f%% end with EOS",
+                 len(scores_all), baseline["score_mean"], baseline["score_std"], baseline["length_mean"],
+                 100 * baseline["frac_ended_with_eos"])
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def _raw_prompts(self, batch: dict[str, Any], train: bool) -> list:
+        examples = self.datamodule.train_examples if train else self.datamodule.val_examples
+        return [examples[int(i)].prompt for i in batch["index"]]
+
+    def _evaluate_batch(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self.evaluation.batch(batch["prompt_ids"], batch["prompt_text"], self._raw_prompts(batch, train=False),
+                                     batch_idx)
+
+    def evaluate(self) -> dict[str, float]:
+        return self._summarise([self._evaluate_batch(b, i) for i, b in enumerate(self.datamodule.val_dataloader())])
+
+    def _summarise(self, rows: list[dict[str, Any]]) -> dict[str, float]:
+        if rows:
+            first, n = rows[0], self.eval_spec.num_logged
+            self._log_table("eval_samples", first["prompts"][:n], first["texts"][:n], first["scores"][:n].tolist(),
+                            first["gold"][:n].tolist() if "gold" in first else None)
+        return self.evaluation.summarise(rows)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_rows.append(self._evaluate_batch(batch, batch_idx))
+
+    def on_validation_epoch_end(self) -> None:
+        rows, self._eval_rows = self._eval_rows, []
+        if self.trainer.sanity_checking or not rows:
+            return
+        self.eval_results = self._summarise(rows)
+        for name, value in self.eval_results.items():
+            self.log(name, value, prog_bar=name == "eval/gold_score")
+        self.last_validated_step = self.global_step
+
+    def _log_table(self, tag: str, prompts: list[str], texts: list[str], scores: list[float],
+                   gold: list[float] | None = None) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if not hasattr(experiment, "add_text"):
+            return
+        n = self.eval_spec.num_logged
+        header = ["prompt", "completion", "score"] + (["gold"] if gold is not None else [])
+        rows = [[p, t, s] + ([g] if gold is not None else [])
+                for p, t, s, g in zip(prompts[:n], texts[:n], scores[:n], (gold or [None] * n)[:n])]
+        experiment.add_text(tag, markdown_table(header, rows), self.rollout_count)
+
+    # -- checkpoints: the state every online stage keeps --------------------------------------------
+    def online_state(self) -> dict[str, Any]:
+        return {**self.scorer.state_dict(), "rollout_count": self.rollout_count, "sampler": self.sampler.get_state(),
+                **self.tripwires.state_dict(), "initial_eval": dict(self.initial_eval), "eval": dict(self.eval_results)}
+
+    def load_online_state(self, state: dict[str, Any]) -> None:
+        self.scorer.load_state_dict(state)
+        self.rollout_count = int(state["rollout_count"])
+        self.sampler.set_state(state["sampler"])
+        self.tripwires.load_state_dict(state)
+        self.initial_eval, self.eval_results = dict(state["initial_eval"]), dict(state["eval"])
+
+    # -- what the launcher reads -------------------------------------------------------------------
+    def final_metrics(self) -> dict[str, float]:
+        metrics = dict(self.eval_results)
+        metrics.update({f"{k}_initial": v for k, v in self.initial_eval.items()})
+        metrics.update({f"alerts/{k}_count": float(v) for k, v in self.tripwires.fired.items()})
+        metrics["progress/rollouts"] = float(self.rollout_count)
+        return metrics
+
+    def export(self, out_dir: Path, config: dict | None, metrics: dict | None, merged: bool) -> Path:
+        return export_policy_adapter(self.model, POLICY, out_dir, stage=self.stage_name, config=config,
+                                     metrics=metrics, merged=merged)
+
+
+def merge_micro_batches(parts: list[dict[str, float]], additive: tuple[str, ...]) -> dict[str, float]:
+    """One minibatch's statistics from its micro-batches': the `additive` ones (shares of the minibatch loss)
+    add up, the others (means over tokens) are token-weighted."""
+    tokens = sum(p["tokens"] for p in parts) or 1.0
+    return {k: (sum(p[k] for p in parts) if k in additive else sum(p[k] * p["tokens"] for p in parts) / tokens)
+            for k in parts[0] if k != "tokens"}
