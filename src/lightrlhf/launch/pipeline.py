@@ -162,7 +162,10 @@ HEADLINES = {
     "sft": ("val/loss", "val/perplexity"),
     "rm": ("val/accuracy", "val/gold_accuracy", "val/annotator_gold_agreement", "val/ece"),
     "ppo": ("eval/reward", "eval/kl", "eval/win_rate_vs_sft", "eval/length_mean"),
+    "dpo": ("val/loss", "val/rewards/accuracies", "eval/kl", "eval/win_rate_vs_sft", "eval/length_mean"),
 }
+# the stages that measure their start (the SFT policy) and end on the same held-out prompts and seed
+FROM_SFT = ("ppo", "dpo")
 
 
 def summarise(results: dict[str, dict[str, Any]], wall_time_s: float) -> dict[str, Any]:
@@ -180,16 +183,18 @@ def summarise(results: dict[str, dict[str, Any]], wall_time_s: float) -> dict[st
             gold.setdefault("untrained", metrics.get("eval/gold_score_initial"))
             gold["sft"] = metrics["eval/gold_score"]
             gold["sft_std"] = metrics.get("eval/gold_score_std")
-        if stage == "ppo" and "eval/gold_score" in metrics:
-            # PPO measures its start (the SFT policy) and its end on the same prompts with the same seed
-            gold["ppo_start"] = metrics.get("eval/gold_score_initial")
-            gold["ppo_start_std"] = metrics.get("eval/gold_score_std_initial")
-            gold["ppo"] = metrics["eval/gold_score"]
+        if stage in FROM_SFT and "eval/gold_score" in metrics:
+            # PPO and DPO measure their start (the SFT policy) and end on the same prompts with the same seed
+            gold[f"{stage}_start"] = metrics.get("eval/gold_score_initial")
+            gold[f"{stage}_start_std"] = metrics.get("eval/gold_score_std_initial")
+            gold[stage] = metrics["eval/gold_score"]
     summary: dict[str, Any] = {"wall_time_s": round(wall_time_s, 1), "steps": steps}
     if gold:
         summary["gold_score"] = {k: v for k, v in gold.items() if v is not None}
-        if gold.get("ppo_start") is not None and gold.get("ppo_start_std"):
-            summary["gold_score"]["ppo_gain_in_sft_std"] = (gold["ppo"] - gold["ppo_start"]) / gold["ppo_start_std"]
+        for stage in FROM_SFT:
+            if gold.get(f"{stage}_start") is not None and gold.get(f"{stage}_start_std"):
+                summary["gold_score"][f"{stage}_gain_in_sft_std"] = (
+                    (gold[stage] - gold[f"{stage}_start"]) / gold[f"{stage}_start_std"])
     return summary
 
 
@@ -201,10 +206,12 @@ def summary_table(summary: dict[str, Any]) -> list[str]:
         lines.append(f"| {name} | {step['stage']} | {wall} | {shown} |")
     gold = summary.get("gold_score")
     if gold:
-        parts = [f"{k} {gold[k]:.3f}" for k in ("untrained", "sft", "ppo") if k in gold]
+        parts = [f"{k} {gold[k]:.3f}" for k in ("untrained", "sft", "ppo", "dpo") if k in gold]
         lines.append(f"hidden gold score: {' -> '.join(parts)}")
-        if "ppo_gain_in_sft_std" in gold:
-            lines.append(f"  PPO vs its SFT start on the same held-out prompts: {gold['ppo_start']:.3f} -> "
-                         f"{gold['ppo']:.3f} ({gold['ppo_gain_in_sft_std']:+.2f} standard deviations of the SFT policy)")
+        for stage in FROM_SFT:
+            if f"{stage}_gain_in_sft_std" in gold:
+                lines.append(f"  {stage.upper()} vs its SFT start on the same held-out prompts: "
+                             f"{gold[f'{stage}_start']:.3f} -> {gold[stage]:.3f} "
+                             f"({gold[f'{stage}_gain_in_sft_std']:+.2f} standard deviations of the SFT policy)")
     lines.append(f"total wall time: {summary['wall_time_s']:.0f} s")
     return lines
