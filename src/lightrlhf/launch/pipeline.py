@@ -174,8 +174,10 @@ HEADLINES = {
     "ppo": ("eval/reward", "eval/kl", "eval/win_rate_vs_sft", "eval/length_mean"),
     "grpo": ("eval/reward", "eval/kl", "eval/win_rate_vs_sft", "eval/length_mean"),
     "rloo": ("eval/reward", "eval/kl", "eval/win_rate_vs_sft", "eval/length_mean"),
+    "dpo": ("val/loss", "val/rewards/accuracies", "eval/kl", "eval/win_rate_vs_sft", "eval/length_mean"),
 }
-ONLINE = ("ppo", "grpo", "rloo")  # stages that measure their start (the SFT policy) and their end
+# the stages that measure their start (the SFT policy) and end on the same held-out prompts and seed
+FROM_SFT = ("ppo", "grpo", "rloo", "dpo")
 
 
 def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -195,8 +197,8 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             gold.setdefault("untrained", metrics.get("eval/gold_score_initial"))
             gold["sft"] = metrics["eval/gold_score"]
             gold["sft_std"] = metrics.get("eval/gold_score_std")
-        if stage in ONLINE and "eval/gold_score" in metrics:
-            # an online stage measures its start (the SFT policy) and its end on the same prompts and seed
+        if stage in FROM_SFT and "eval/gold_score" in metrics:
+            # a stage from SFT measures its start (the SFT policy) and its end on the same prompts and seed
             gold[f"{stage}_start"] = metrics.get("eval/gold_score_initial")
             gold[f"{stage}_start_std"] = metrics.get("eval/gold_score_std_initial")
             gold[stage] = metrics["eval/gold_score"]
@@ -204,7 +206,7 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {"wall_time_s": round(wall_time_s, 1), "steps": steps}
     if gold:
         summary["gold_score"] = {k: v for k, v in gold.items() if v is not None}
-        for stage in ONLINE:
+        for stage in FROM_SFT:
             if gold.get(f"{stage}_start") is not None and gold.get(f"{stage}_start_std"):
                 summary["gold_score"][f"{stage}_gain_in_sft_std"] = (
                     (gold[stage] - gold[f"{stage}_start"]) / gold[f"{stage}_start_std"])
@@ -219,9 +221,9 @@ def summary_table(summary: dict[str, Any]) -> list[str]:
         lines.append(f"| {name} | {step['stage']} | {wall} | {shown} |")
     gold = summary.get("gold_score")
     if gold:
-        parts = [f"{k} {gold[k]:.3f}" for k in ("untrained", "sft") + ONLINE if k in gold]
+        parts = [f"{k} {gold[k]:.3f}" for k in ("untrained", "sft") + FROM_SFT if k in gold]
         lines.append(f"hidden gold score: {' -> '.join(parts)}")
-        for stage in ONLINE:
+        for stage in FROM_SFT:
             if f"{stage}_gain_in_sft_std" in gold:
                 lines.append(f"  {stage.upper()} vs its SFT start on the same held-out prompts: "
                              f"{gold[f'{stage}_start']:.3f} -> {gold[stage]:.3f} "

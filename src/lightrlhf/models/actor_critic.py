@@ -168,7 +168,8 @@ class ActorCritic(nn.Module):
 
 def load_actor_critic(spec: ModelSpec, tokenizer, policy: PolicySpec, reward, value: ValueSpec | None = None, *,
                       critic: bool) -> ActorCritic:
-    """Config target of the online stages (`reward` is a `lightrlhf.rewards.spec.RewardSpec`).
+    """Config target of the online stages (`reward` is a `lightrlhf.rewards.spec.RewardSpec`,
+    or None for no reward model).
     `critic=false` (GRPO, RLOO, best-of-n) builds no value adapter and no value head; it has no
     default because the stages' configs differ in it."""
     from peft import get_peft_model
@@ -179,11 +180,11 @@ def load_actor_critic(spec: ModelSpec, tokenizer, policy: PolicySpec, reward, va
     base, identity = load_base_model(base_spec)
     lora = (spec.lora.to_peft("CAUSAL_LM") if spec.lora is not None else None)
     if lora is None:
-        raise UserError("config model.lora: PPO trains LoRA adapters on a shared frozen base; model.lora=null "
-                        "(full fine-tuning) is not supported by the PPO stage")
+        raise UserError("config model.lora: this stage trains a LoRA policy adapter on a shared frozen base (the "
+                        "reference is that base); model.lora=null (full fine-tuning) is not supported by it")
     module = get_peft_model(base, lora, adapter_name=POLICY)
     reward_head, separate = None, None
-    if reward.path is not None:
+    if reward is not None and reward.path is not None:
         meta = _reward_manifest(reward.path)
         if meta["base"]["fingerprint"] == identity.fingerprint and meta["weights"] == "adapter":
             module.load_adapter(reward.path, adapter_name=REWARD, is_trainable=False)
@@ -212,6 +213,12 @@ def load_actor_critic(spec: ModelSpec, tokenizer, policy: PolicySpec, reward, va
     module.set_adapter(POLICY)
     module.base_model.model.config.use_cache = False
     return ActorCritic(module, value_head, reward_head, tokenizer, identity, separate)
+
+
+def load_policy(spec: ModelSpec, tokenizer, policy: PolicySpec) -> ActorCritic:
+    """Config target of the offline preference stages (DPO): the policy adapter on the base (the SFT
+    export of `policy.init` merged in), no critic, no reward model; the reference is the adapter off."""
+    return load_actor_critic(spec, tokenizer, policy, reward=None, critic=False)
 
 
 def _reward_manifest(path: str) -> dict:

@@ -1,9 +1,10 @@
 """Pure tensor functions for RLHF: one equation per function, one concept per file."""
 
+from lightrlhf.rl.dpo import DPOLossResult, dpo_loss, dpo_metrics
 from lightrlhf.rl.gae import gae
 from lightrlhf.rl.kl import kl_abs, kl_k1, kl_k2, kl_k3, kl_penalty
 from lightrlhf.rl.kl_control import AdaptiveKLController, FixedKLController
-from lightrlhf.rl.logprobs import entropy_from_logits, token_logprobs
+from lightrlhf.rl.logprobs import entropy_from_logits, sequence_logprobs, token_logprobs
 from lightrlhf.rl.masked import masked_mean, masked_sum, masked_var, masked_whiten
 from lightrlhf.rl.next_token import filter_logits, sample_tokens
 from lightrlhf.rl.normalize import RunningMeanStd
@@ -26,6 +27,7 @@ from lightrlhf.rl.shaping import last_valid_index, per_token_rewards
 
 __all__ = [
     "AdaptiveKLController",
+    "DPOLossResult",
     "FixedKLController",
     "PolicyLossResult",
     "PolicyObjective",
@@ -36,6 +38,8 @@ __all__ = [
     "aggregation_normalizer",
     "bradley_terry_loss",
     "clipped_value_loss",
+    "dpo_loss",
+    "dpo_metrics",
     "entropy_from_logits",
     "explained_variance",
     "filter_logits",
@@ -55,6 +59,7 @@ __all__ = [
     "ppo_minibatch_loss",
     "ppo_policy_loss",
     "sample_tokens",
+    "sequence_logprobs",
     "token_logprobs",
     "value_objective",
 ]

@@ -33,3 +33,16 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
     # 0, not 0 * -inf = nan.
     z = z.masked_fill(probs == 0, 0)
     return log_partition - (probs * z).sum(dim=-1)
+
+
+def sequence_logprobs(logits: Tensor, input_ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(sum_t m_t log pi(x_t | x_<t), sum_t m_t) per row: a response's log-probability and its length.
+
+    logits: [B, T, V] of a forward over input_ids [B, T]; mask: [B, T], 1 on the tokens to score
+    (a response and its EOS; never position 0, which no logit predicts). Returns float32 [B], [B].
+    """
+    # the distribution that produced token t sits at logits[:, t - 1]
+    tokens, scored = input_ids[:, 1:], mask[:, 1:].bool()
+    per_token = token_logprobs(logits[:, :-1], tokens)
+    # detail: select with `where`, not multiply: a padded position's log-prob may be -inf.
+    return torch.where(scored, per_token, 0.0).sum(1), scored.sum(1).float()

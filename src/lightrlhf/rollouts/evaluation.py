@@ -1,11 +1,12 @@
-"""Held-out evaluation of an online method's policy: the same prompts and seed every time.
+"""Held-out evaluation of a policy trained against its reference (PPO, DPO, ...): the same prompts
+and seed every time.
 
 For each held-out batch: sample from the policy with a fixed seed, score with the scorer (raw
-composite score), KL to the reference summed over the response (k1, the unbiased estimator), length
-and EOS fraction; with an evaluator (the demo's hidden gold scorer) also the gold score and the win
-rate against the *reference* policy's samples for the same prompts and seed (the initial SFT policy,
-sampled once and cached). Sampling uses a private generator, so evaluating never changes what
-training samples next.
+composite score; an offline method such as DPO has no scorer), KL to the reference summed over the
+response (k1, the unbiased estimator), length and EOS fraction; with an evaluator (the demo's hidden
+gold scorer) also the gold score and the win rate against the *reference* policy's samples for the
+same prompts and seed (the initial SFT policy, sampled once and cached). Sampling uses a private
+generator, so evaluating never changes what training samples next.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ Evaluator = Callable[[list[str], list[str]], list[float]]
 
 
 class PolicyEvaluation:
-    def __init__(self, roles: PolicyRoles, scorer: Scorer, generation: GenerationSpec, spec: EvalSpec,
+    def __init__(self, roles: PolicyRoles, scorer: Scorer | None, generation: GenerationSpec, spec: EvalSpec,
                  evaluator: Evaluator | None, forward_batch_size: int | None = None) -> None:
         self.roles, self.scorer, self.generation, self.spec = roles, scorer, generation, spec
         self.evaluator, self.forward_batch_size = evaluator, forward_batch_size
@@ -42,9 +43,10 @@ class PolicyEvaluation:
         roll = roll_out(self.roles, prompt_ids, prompts, raw_prompts, self.generation,
                         torch.Generator().manual_seed(seed), forward_batch_size=self.forward_batch_size)
         kl = (kl_penalty(roll.logprobs, roll.ref_logprobs, "k1") * roll.mask).sum(1)
-        scores, _ = self.scorer.score(roll)
-        row = {"prompts": list(prompts), "texts": roll.texts, "scores": scores, "kl": kl, "lengths": roll.lengths,
+        row = {"prompts": list(prompts), "texts": roll.texts, "kl": kl, "lengths": roll.lengths,
                "eos": roll.ended_with_eos.float()}
+        if self.scorer is not None:
+            row["scores"] = self.scorer.score(roll)[0]
         if self.evaluator is not None:
             row["gold"] = torch.tensor(self.evaluator(list(prompts), roll.texts))
             if batch_idx not in self._reference_gold:
@@ -59,9 +61,10 @@ class PolicyEvaluation:
         if not rows:
             return {}
         cat: dict[str, Tensor] = {k: torch.cat([r[k] for r in rows]) for k in rows[0] if isinstance(rows[0][k], Tensor)}
-        metrics = {"eval/reward": cat["scores"].mean().item(), "eval/kl": cat["kl"].mean().item(),
-                   "eval/length_mean": cat["lengths"].mean().item(),
+        metrics = {"eval/kl": cat["kl"].mean().item(), "eval/length_mean": cat["lengths"].mean().item(),
                    "eval/frac_ended_with_eos": cat["eos"].mean().item()}
+        if "scores" in cat:
+            metrics["eval/reward"] = cat["scores"].mean().item()
         if "gold" in cat:
             gold, reference = cat["gold"], cat["gold_reference"]
             metrics[f"eval/{self.gold_name}"] = gold.mean().item()
