@@ -30,7 +30,7 @@ def options():
 
 
 def _needs_exports(group: str, option: str) -> bool:
-    return (group, option) in (("stage", "ppo"), ("data", "demo_prompts"))
+    return (group, option) in (("stage", "ppo"), ("stage", "best_of_n"), ("data", "demo_prompts"))
 
 
 @pytest.mark.parametrize("group,option", list(options()), ids=lambda v: str(v))
@@ -38,7 +38,8 @@ def test_every_config_composes_and_builds(group, option, tmp_path, request):
     extra = REQUIRED.get((group, option), []) + ON_CPU.get((group, option), [])
     if _needs_exports(group, option):  # PPO starts from an SFT export and a reward model
         exports = request.getfixturevalue("exports")
-        extra += ["stage=ppo", "data=demo_prompts", f"policy.init={exports / 'sft' / 'export'}",
+        stage = option if group == "stage" else "ppo"
+        extra += [f"stage={stage}", "data=demo_prompts", f"policy.init={exports / 'sft' / 'export'}",
                   f"reward.path={exports / 'rm' / 'export'}"]
     cfg = compose([f"{group}={option}"] + extra, tmp_path)
     plain = to_plain(cfg)
