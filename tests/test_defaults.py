@@ -63,6 +63,8 @@ DIFFERS = {
     "PromptDataModule.max_eval_prompts": "conf/stage/ppo.yaml ties it to stage.eval.num_prompts by "
                                          "interpolation; from Python, None (every validation prompt) follows "
                                          "whatever EvalSpec.num_prompts the stage is given",
+    "load_actor_critic.critic": "PPO (conf/stage/ppo.yaml) builds a critic; best-of-n (conf/stage/best_of_n.yaml) "
+                                "needs none",
 }
 
 # Class.parameter -> why a home may leave it out and run with the Python default.
