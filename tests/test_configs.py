@@ -29,7 +29,7 @@ def options():
             yield group, path.stem
 
 
-ONLINE_STAGES = ("ppo", "grpo", "rloo")  # start from an SFT export and a reward model
+ONLINE_STAGES = ("ppo", "grpo", "rloo", "best_of_n")  # start from an SFT export and a reward model
 
 
 def _needs_exports(group: str, option: str) -> bool:

@@ -51,7 +51,7 @@ EMPTY = inspect.Parameter.empty
 TARGET, PARTIAL = "_target_", "_partial_"
 # the data each stage is usually run with (test_configs.py composes the same pairs)
 STAGE_DATA = {"rm": ["data=demo_pref"], "ppo": ["data=demo_prompts"], "grpo": ["data=demo_prompts"],
-              "rloo": ["data=demo_prompts"]}
+              "rloo": ["data=demo_prompts"], "best_of_n": ["data=demo_prompts"]}
 # blocks a stage file defines next to `stage` (PPO's roles)
 ROLE_BLOCKS = ("policy", "value", "reward")
 # arguments the launcher passes at build time (launch/run.py: build_stage), never config keys
@@ -82,6 +82,10 @@ UNMENTIONED = {
     "OptimizerSpec.betas": "AdamW's usual values; no stage changes them",
     "OptimizerSpec.eps": "AdamW's usual value; no stage changes it",
     "SchedulerSpec.min_lr_ratio": "the decay floor; PPO's constant schedule has no decay",
+    "RewardSpec.normalize": "best-of-n (conf/stage/best_of_n.yaml) ranks by the raw composite score; shaping the "
+                            "score is for a training signal, and conf/stage/ppo.yaml states it",
+    "RewardSpec.clip": "likewise: not used by best-of-n, stated in conf/stage/ppo.yaml",
+    "RewardSpec.missing_eos_penalty": "likewise: not used by best-of-n, stated in conf/stage/ppo.yaml",
     "PeriodicCheckpoint.save_on_train_end": "always wanted in a run; a switch for code that drives the callback",
     "PeriodicCheckpoint.save_on_signal": "always wanted in a run; a switch for code that drives the callback",
 }

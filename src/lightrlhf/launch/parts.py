@@ -52,9 +52,9 @@ def _accepted(node: dict[str, Any], roles: dict[str, Any], key: str) -> dict[str
 
 
 def _check_contract(stage: Any, target: str) -> None:
-    from lightrlhf.stages.base import Stage
+    from lightrlhf.stages.base import SamplingStage, Stage
 
-    if not isinstance(stage, Stage):
+    if not isinstance(stage, (Stage, SamplingStage)):
         members = list(Stage.__annotations__) + [n for n, v in vars(Stage).items()
                                                   if callable(v) and not n.startswith("_")]
         missing = [n for n in members if not hasattr(stage, n)]

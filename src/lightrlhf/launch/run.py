@@ -26,6 +26,7 @@ from lightrlhf.launch.cli import exit_for_user_error
 from lightrlhf.launch.parts import ClaimRunDirectory, build_stage, build_trainer
 from lightrlhf.launch.pipeline import run_pipeline
 from lightrlhf.launch.relaunch import is_rank_zero, rank_relaunch_command
+from lightrlhf.launch.sampling import is_sampling_stage, run_sampling
 from lightrlhf.validation import positive
 
 log = logging.getLogger("lightrlhf")
@@ -108,6 +109,9 @@ def run_stage(cfg: DictConfig, run_dir: Path, overrides: list[str], choices: dic
     # step 2. build: everything that can be wrong with the config or the data is found here, before
     # any training starts. The run claims its directory (run.json) only when its first batch starts.
     stage, datamodule = build_stage(plain)
+    if is_sampling_stage(stage):  # trains nothing: no trainer, no checkpoints, no export
+        return run_sampling(stage, settings.optimized_metric, cfg, run_dir, overrides, choices, started,
+                            resuming=bool(settings.resume or settings.ckpt_path))
     claim = ClaimRunDirectory(lambda: record.write_record(run_dir, overrides, choices, cfg) if is_rank_zero() else None)
     trainer = build_trainer(plain, start, started, [claim, adaptive_threads])
     log.info("run directory: %s", run_dir)

@@ -1,5 +1,6 @@
 """Pure tensor functions for RLHF: one equation per function, one concept per file."""
 
+from lightrlhf.rl.best_of_n import best_of_n_kl, best_of_n_mean, best_of_n_weights, best_of_n_win_rate
 from lightrlhf.rl.dpo import DPOLossResult, dpo_loss, dpo_metrics
 from lightrlhf.rl.gae import gae
 from lightrlhf.rl.kl import kl_abs, kl_k1, kl_k2, kl_k3, kl_penalty
@@ -36,6 +37,10 @@ __all__ = [
     "ValueObjective",
     "aggregate",
     "aggregation_normalizer",
+    "best_of_n_kl",
+    "best_of_n_mean",
+    "best_of_n_weights",
+    "best_of_n_win_rate",
     "bradley_terry_loss",
     "clipped_value_loss",
     "dpo_loss",

@@ -16,6 +16,9 @@ the launcher relies on exactly what `Stage` declares:
 plus the stage's own state (`stage_state` / `load_stage_state`), AdamW with the configured
 schedule over named parameter groups, and NaN-guarded gradient clipping. Adding a stage is one
 subclass in `stages/` and one YAML in `conf/stage/`.
+
+A stage that trains nothing (best-of-n) keeps `SamplingStage` instead: built the same way, it is
+`run(out_dir)` by the launcher (launch/sampling.py) in place of a fit.
 """
 
 from __future__ import annotations
@@ -45,6 +48,18 @@ class Stage(Protocol):
     def export(self, out_dir: Path, config: dict | None, metrics: dict | None, merged: bool) -> Path: ...
 
     def trainable_parameter_names(self) -> list[str]: ...
+
+
+@runtime_checkable
+class SamplingStage(Protocol):
+    """A stage that trains nothing (best-of-n): built from config like any stage, then the launcher
+    calls `run(out_dir)` instead of fitting. It writes its own outputs into `out_dir` and returns what
+    `metrics.json` reports beside the run's status: `{"metrics": {name: value}, ...}`; `default_metric`
+    is one of those metrics."""
+
+    default_metric: str | None
+
+    def run(self, out_dir: Path) -> dict[str, Any]: ...
 
 
 class StageModule(L.LightningModule):
