@@ -218,7 +218,7 @@ WIDE = '{"a": "' + "é" * 30 + '"}'  # 39 characters, 69 bytes: the limit counts
         ("x.jsonl", '{"a": 1}\n' + LONG, "{p}:2: row of 109 bytes exceeds data.max_line_bytes=50"),
         ("x.jsonl", LONG + "\r\n", "{p}:1: row of 110 bytes exceeds data.max_line_bytes=50"),
         ("x.jsonl", WIDE + "\n", "{p}:1: row of 69 bytes exceeds data.max_line_bytes=50"),
-        ("x.jsonl.gz", gzip.compress(f'{{"a": 1}}\n{LONG}\n'.encode()),
+        ("x.jsonl.gz", gzip.compress(f'{{"a": 1}}\n{LONG}\n'.encode(), mtime=0),
          "{p}:2: row of 109 bytes exceeds data.max_line_bytes=50"),
         ("x.json", '[\n {"a": 1},\n ' + LONG + "\n]", "{p}:3: row of 109 bytes exceeds data.max_line_bytes=50"),
         ("x.json", '{"data": [' + WIDE + "]}", "{p}:1: row of 69 bytes exceeds data.max_line_bytes=50"),
