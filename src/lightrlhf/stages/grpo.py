@@ -248,20 +248,8 @@ class GRPOStage(OnlineStage):
         stats = self.update(group_batch)
         updated = time.perf_counter()
         # step 6. bookkeeping: logs and tripwires
-        self.rollout_count += 1
         metrics = self.rollout_metrics(group_batch, stats)
-        metrics.update({"time/rollout_s": rolled - started, "time/update_s": updated - rolled,
-                        "time/episodes_per_s": roll.rows / (updated - started),
-                        "progress/rollouts": float(self.rollout_count),
-                        "progress/episodes": float(self.rollout_count * roll.rows)})
-        alerts, stop = self.tripwires.check(metrics, self.rollout_count)
-        metrics.update(alerts)
-        for name, value in metrics.items():
-            self.log(name, value, prog_bar=name in ("objective/scores", "objective/kl"))
-        if self.samples_every and self.rollout_count % self.samples_every == 0:
-            self._log_table("rollout_samples", roll.prompts, roll.texts, group_batch.scores.tolist())
-        if stop or self.rollout_count >= self.rollouts:
-            self.trainer.should_stop = True
+        self.publish_rollout(metrics, roll, group_batch.scores, (started, rolled, updated))
 
     def rollout_metrics(self, batch: GroupBatch, stats: dict[str, float]) -> dict[str, float]:
         roll, k = batch.rollout, self.group.group_size

@@ -138,6 +138,26 @@ class OnlineStage(StageModule):
             self.log(name, value, prog_bar=name == "eval/gold_score")
         self.last_validated_step = self.global_step
 
+    def publish_rollout(self, metrics: dict[str, float], roll: Any, scores: torch.Tensor,
+                        seconds: tuple[float, float, float]) -> None:
+        """The end of every rollout iteration, whatever the method: count it, add timing and progress,
+        run the tripwires, log, show samples now and then, and stop at the rollout budget or when a
+        tripwire says so. `seconds`: (started, rolled out, updated) from time.perf_counter()."""
+        started, rolled, updated = seconds
+        self.rollout_count += 1
+        metrics.update({"time/rollout_s": rolled - started, "time/update_s": updated - rolled,
+                        "time/episodes_per_s": roll.rows / (updated - started),
+                        "progress/rollouts": float(self.rollout_count),
+                        "progress/episodes": float(self.rollout_count * roll.rows)})
+        alerts, stop = self.tripwires.check(metrics, self.rollout_count)
+        metrics.update(alerts)
+        for name, value in metrics.items():
+            self.log(name, value, prog_bar=name in ("objective/scores", "objective/kl"))
+        if self.samples_every and self.rollout_count % self.samples_every == 0:
+            self._log_table("rollout_samples", roll.prompts, roll.texts, scores.tolist())
+        if stop or self.rollout_count >= self.rollouts:
+            self.trainer.should_stop = True
+
     def _log_table(self, tag: str, prompts: list[str], texts: list[str], scores: list[float],
                    gold: list[float] | None = None) -> None:
         experiment = getattr(self.logger, "experiment", None)

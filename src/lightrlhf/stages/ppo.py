@@ -264,21 +264,9 @@ class PPOStage(OnlineStage):
         stats = self.update(ppo_batch)
         updated = time.perf_counter()
         # step 6. bookkeeping: logs (with this rollout's beta), adaptive beta, tripwires
-        self.rollout_count += 1
         metrics = self.rollout_metrics(ppo_batch, stats)
         self.kl_controller.update(ppo_batch.kl.sum(1).mean().item(), n_steps=roll.rows)
-        metrics.update({"time/rollout_s": rolled - started, "time/update_s": updated - rolled,
-                        "time/episodes_per_s": roll.rows / (updated - started),
-                        "progress/rollouts": float(self.rollout_count),
-                        "progress/episodes": float(self.rollout_count * roll.rows)})
-        alerts, stop = self.tripwires.check(metrics, self.rollout_count)
-        metrics.update(alerts)
-        for name, value in metrics.items():
-            self.log(name, value, prog_bar=name in ("objective/scores", "objective/kl"))
-        if self.samples_every and self.rollout_count % self.samples_every == 0:
-            self._log_table("rollout_samples", roll.prompts, roll.texts, ppo_batch.scores.tolist())
-        if stop or self.rollout_count >= self.rollouts:
-            self.trainer.should_stop = True
+        self.publish_rollout(metrics, roll, ppo_batch.scores, (started, rolled, updated))
 
     def rollout_metrics(self, batch: PPOBatch, stats: dict[str, float]) -> dict[str, float]:
         roll, mask = batch.rollout, batch.rollout.mask
