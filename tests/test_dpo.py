@@ -147,6 +147,38 @@ def test_precomputed_reference_equals_the_reference_on_the_fly(stage):
         assert_close(rejected, live.rejected, rtol=0, atol=1e-5)
 
 
+def test_eval_prompts_sample_the_rl_stages_held_out_prompts_in_their_batches(stage, tmp_path):
+    """With +data@stage.eval_prompts=demo_prompts, DPO evaluates on exactly the prompts, order and
+    batches PPO's and GRPO's data module gives their evaluation (so the same sampling seeds meet the
+    same prompts), and scores them with that config's evaluator."""
+    from conftest import compose
+
+    from lightrlhf.data.modules import PromptDataModule
+    from lightrlhf.launch.build import build
+    from lightrlhf.launch.run import to_plain
+    from lightrlhf.models.loading import load_tokenizer
+
+    dpo = _stage(["+data@stage.eval_prompts=demo_prompts", "stage.eval.num_prompts=20", "stage.eval.batch_size=8"])
+    batches = dpo.evaluation_batches()
+    plain = to_plain(compose(["stage=ppo", "data=demo_prompts", "reward.path=unused", "stage.eval.num_prompts=20",
+                              "stage.datamodule.eval_batch_size=8"], tmp_path))
+    node = dict(plain["stage"]["datamodule"])
+    assert node["max_eval_prompts"] == 20
+    tokenizer = load_tokenizer(build(plain["model"], "model"))
+    ppo_data = build(node, "stage.datamodule", source=build(plain["data"], "data"), tokenizer=tokenizer)
+    assert isinstance(ppo_data, PromptDataModule)
+    ppo_data.setup("fit")
+    expected = [(b["prompt_ids"], b["prompt_text"]) for b in ppo_data.val_dataloader()]
+    assert [len(ids) for ids, _, _ in batches] == [8, 8, 4]
+    assert [(ids, texts) for ids, texts, _ in batches] == expected
+    assert [raw for _, _, raw in batches][0] == [e.prompt for e in ppo_data.val_examples[:8]]
+    assert dpo.evaluation.evaluator is not None
+    # without it, the distinct prompts of the held-out pairs (16 of them here), in chunks of eval.batch_size
+    pair_prompts = [t for _, texts, _ in stage.evaluation_batches() for t in texts]
+    assert len(pair_prompts) == len(set(pair_prompts)) == 16
+    assert pair_prompts == list(dict.fromkeys(e.prompt for e in stage.datamodule.val_examples))[:16]
+
+
 @pytest.mark.parametrize("override,key", [
     ("stage.loss_type=kto", "stage.loss_type"),
     ("stage.beta=0", "stage.beta"),

@@ -30,6 +30,9 @@ chosen answer first); then held-out sampling on the validation prompts with roll
 exactly as PPO reports it: KL to the reference, length, EOS fraction, and with an evaluator (the demo)
 the hidden gold score and the win rate against the reference (SFT) policy's samples for the same
 prompts and seed (`eval/gold_score`, `eval/win_rate_vs_sft`; `*_initial` before the first step).
+With `eval_prompts` (a prompts data config) the sampling uses that config's held-out prompts instead,
+in its order and batches: PPO, GRPO and RLOO evaluate on the same prompts with the same seeds, so the
+methods are measured on identical draws of the SFT policy (experiment=method_ranking).
 
 Export: the policy adapter as a standalone causal-LM export, like SFT's and PPO's (PPO, best-of-n
 and `policy.init` load it).
@@ -44,7 +47,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightrlhf.data.modules import PreferenceDataModule, collate_pairs
+from lightrlhf.data.modules import PreferenceDataModule, PromptDataModule, collate_pairs
+from lightrlhf.data.source import DataSource
 from lightrlhf.data.tokenize import TruncationReport, encode_prompt, fit_prompt, prompt_text
 from lightrlhf.models.actor_critic import POLICY, ActorCritic
 from lightrlhf.models.export import export_policy_adapter
@@ -96,15 +100,19 @@ class DPOStage(StageModule):
                  loss_type: DPOLossType = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
                  reference: ReferenceSpec | None = None, max_grad_norm: float | None = 1.0,
                  generation: GenerationSpec | None = None, eval: EvalSpec | None = None,
-                 numerics: NumericsSpec | None = None):
+                 eval_prompts: DataSource | None = None, numerics: NumericsSpec | None = None):
         super().__init__(optim, scheduler, max_grad_norm, numerics)
         check_dpo_settings(loss_type, beta, label_smoothing)
         self.model, self.datamodule = model, datamodule
         self.loss_type, self.beta, self.label_smoothing = loss_type, beta, label_smoothing
         self.reference = reference or ReferenceSpec()
         self.generation, self.eval_spec = generation or GenerationSpec(), eval or EvalSpec()
-        self.evaluation = PolicyEvaluation(model, None, self.generation, self.eval_spec,
-                                           getattr(datamodule, "evaluator", None))
+        # held-out sampling on another config's prompts, batched as the online stages batch them
+        self.eval_prompts = None if eval_prompts is None else PromptDataModule(
+            eval_prompts, model.tokenizer, batch_size=1, eval_batch_size=self.eval_spec.batch_size,
+            max_eval_prompts=self.eval_spec.num_prompts)
+        evaluator = eval_prompts.evaluator if eval_prompts is not None else getattr(datamodule, "evaluator", None)
+        self.evaluation = PolicyEvaluation(model, None, self.generation, self.eval_spec, evaluator)
         self.reference_cache: dict[str, Tensor] = {}  # split -> [examples, 2] summed log-probs (NaN: none)
         self.initial_eval: dict[str, float] = {}
         self.eval_results: dict[str, float] = {}
@@ -229,15 +237,23 @@ class DPOStage(StageModule):
                 break
         return out
 
+    def evaluation_batches(self) -> list[tuple[list[list[int]], list[str], list[Any]]]:
+        """(ids, texts, raw prompts) per generation batch: `eval_prompts`' held-out prompts in their
+        data loader's batches, else the distinct prompts of the held-out pairs in chunks."""
+        if self.eval_prompts is not None:
+            dm = self.eval_prompts
+            dm.setup("fit")
+            return [(batch["prompt_ids"], batch["prompt_text"], [dm.val_examples[int(i)].prompt for i in batch["index"]])
+                    for batch in dm.val_dataloader()]
+        prompts = self.evaluation_prompts()
+        return [([p[0] for p in prompts[s]], [p[1] for p in prompts[s]], [p[2] for p in prompts[s]])
+                for s in chunks(len(prompts), self.eval_spec.batch_size)]
+
     def evaluate(self) -> dict[str, float]:
-        prompts = self.evaluation_prompts() if self.eval_spec.num_prompts else []
-        if not prompts:
+        batches = self.evaluation_batches() if self.eval_spec.num_prompts else []
+        if not batches:
             return {}
-        rows = []
-        for batch_idx, rows_slice in enumerate(chunks(len(prompts), self.eval_spec.batch_size)):
-            chunk = prompts[rows_slice]
-            rows.append(self.evaluation.batch([p[0] for p in chunk], [p[1] for p in chunk], [p[2] for p in chunk],
-                                              batch_idx))
+        rows = [self.evaluation.batch(ids, texts, raw, batch_idx) for batch_idx, (ids, texts, raw) in enumerate(batches)]
         self._log_samples(rows[0])
         return self.evaluation.summarise(rows)
 
