@@ -10,6 +10,10 @@ is a name and the overrides that run it, where `{name}` stands for an earlier st
 config has that key (`seed=1`, `demo.annotator.length_bias=0.2`); `pipeline.extra.<step>` adds
 overrides to one step only.
 
+A step with `seeds: [0, 1, 2]` runs once per seed, as `<name>_seed<s>` with `seed=<s>` (which wins over
+a `seed=` on the command line; the steps it depends on run once); a pipeline with such steps also writes a ranking of them (launch/ranking.py:
+`ranking.md`, `ranking.png`), as `experiment=method_ranking` does.
+
 A step that already finished is not run again; a step that was interrupted is resumed from its
 last checkpoint -- so `python train.py resume=<run dir>` continues a killed pipeline where it was.
 """
@@ -42,6 +46,8 @@ _ABSENT = object()
 class Step:
     name: str
     overrides: list[str]
+    group: str = ""  # a seeded step's name in the config (`dpo` for `dpo_seed1`); else its own name
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -57,12 +63,19 @@ class PipelineSpec:
         for i, item in enumerate(node["steps"]):
             if not isinstance(item, dict) or "name" not in item or "overrides" not in item:
                 raise ConfigError(f"pipeline.steps[{i}]", "each step needs a name and a list of overrides")
-            steps.append(Step(str(item["name"]), [str(o) for o in item["overrides"]]))
+            name, overrides = str(item["name"]), [str(o) for o in item["overrides"]]
+            seeds = item.get("seeds")
+            if seeds is None:
+                steps.append(Step(name, overrides, name))
+                continue
+            if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+                raise ConfigError(f"pipeline.steps[{i}].seeds", f"must be a list of integer seeds, got {seeds!r}")
+            steps += [Step(f"{name}_seed{seed}", overrides, name, seed) for seed in seeds]
         names = [s.name for s in steps]
         if len(set(names)) != len(names):
             raise ConfigError("pipeline.steps", f"step names must be unique, got {names}")
         extra = {str(k): [str(o) for o in v] for k, v in (node.get("extra") or {}).items()}
-        unknown = sorted(set(extra) - set(names))
+        unknown = sorted(set(extra) - {s.group for s in steps})
         if unknown:
             raise ConfigError(f"pipeline.extra.{unknown[0]}", f"no step of that name (steps: {', '.join(names)})")
         return cls(steps, extra)
@@ -109,10 +122,15 @@ def _run_steps(spec: PipelineSpec, cfg: DictConfig, run_dir: Path, task_override
             raise RunInterrupted(str(interrupted).replace(f"resume={step_dir}", f"resume={run_dir}"),
                                  interrupted.exit_code) from None
         results[step.name] = _read_json(step_dir / METRICS_FILE)
-    summary = summarise(results)
+    summary = summarise(results, seeded={step.name for step in spec.steps if step.seed is not None})
     atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
     for line in summary_table(summary):
         log.info(line)
+    if any(step.seed is not None for step in spec.steps):
+        from lightrlhf.launch.ranking import write_ranking
+
+        for line in write_ranking(run_dir, spec.steps, results):
+            log.info(line)
     log.info("outputs: %s (one directory per step; summary.json); tensorboard --logdir %s", run_dir, run_dir)
     return value
 
@@ -138,7 +156,9 @@ def compose_step(step: Step, spec: PipelineSpec, run_dir: Path, global_overrides
 
     directories = {s.name: str(run_dir / s.name) for s in spec.steps}
     own = [o.format(**directories) for o in step.overrides]
-    extra = [o.format(**directories) for o in spec.extra.get(step.name, [])]
+    extra = [o.format(**directories) for o in spec.extra.get(step.group or step.name, [])]
+    if step.seed is not None:  # a seeded step's own seed wins over a seed= given to every step
+        extra.append(f"seed={step.seed}")
     extra.append(f"paths.output_dir={run_dir / step.name}")
     later = {override_key(o) for o in extra}
     global_overrides = [o for o in global_overrides if override_key(o) not in later]  # the step sets these itself
@@ -180,9 +200,10 @@ HEADLINES = {
 FROM_SFT = ("ppo", "grpo", "rloo", "dpo")
 
 
-def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Each step's key metrics and wall time (over all its launches), the gold score along the way;
-    the pipeline's wall time is the sum of its steps', whichever launch ran them."""
+def summarise(results: dict[str, dict[str, Any]], seeded: set[str] = frozenset()) -> dict[str, Any]:
+    """Each step's key metrics and wall time (over all its launches), the gold score along the way
+    (not through the `seeded` steps: the ranking compares those); the pipeline's wall time is the sum
+    of its steps', whichever launch ran them."""
     steps = {}
     gold: dict[str, float] = {}
     for name, record in results.items():
@@ -192,6 +213,8 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         steps[name] = {"stage": stage, "wall_time_s": record.get("wall_time_s"),
                        "global_step": record.get("global_step"),
                        "metrics": {k: metrics[k] for k in keys if k in metrics}}
+        if name in seeded:
+            continue
         # the hidden gold score along the pipeline: untrained base -> SFT -> PPO (or GRPO, RLOO)
         if stage == "sft" and "eval/gold_score" in metrics:
             gold.setdefault("untrained", metrics.get("eval/gold_score_initial"))

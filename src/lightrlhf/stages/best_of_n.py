@@ -63,7 +63,7 @@ class BestOfN:
 
     def __init__(self, model: ActorCritic, datamodule: PromptDataModule, reward: RewardSpec, n_max: int = 64,
                  n: list[int] | None = None, num_prompts: int = 512, split: Literal["validation", "train"] = "validation",
-                 batch_size: int = 8, seed: int = 1234, generation: GenerationSpec | None = None,
+                 batch_size: int = 8, seed: int = 0, generation: GenerationSpec | None = None,
                  select_n: int | None = None, forward_batch_size: int | None = None):
         positive("n_max", n_max)
         self.n_values = sorted(set(n)) if n is not None else powers_of_two(n_max)

@@ -1,0 +1,138 @@
+"""Seeded pipeline steps and the method ranking (launch/ranking.py): the steps each seed gets, the
+seed that wins, and the table, points and plot written from the steps' metrics (hand values)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import CONF, compose
+
+from lightrlhf.errors import ConfigError
+from lightrlhf.launch.pipeline import PipelineSpec, Step, compose_step, run_pipeline
+from lightrlhf.launch.ranking import Point, method_point, rank
+from lightrlhf.launch.run import to_plain
+
+METHODS = ("best_of_16", "dpo", "ppo", "grpo", "rloo")
+
+
+def _spec(steps, extra=None):
+    return PipelineSpec.from_config({"steps": steps, "extra": extra or {}})
+
+
+def test_a_step_with_seeds_runs_once_per_seed_after_the_steps_it_depends_on():
+    spec = _spec([{"name": "sft", "overrides": ["stage=sft"]},
+                  {"name": "dpo", "seeds": [0, 3], "overrides": ["stage=dpo", "policy.init={sft}/export"]}],
+                 extra={"dpo": ["stage.beta=0.2"]})
+    assert [(s.name, s.group, s.seed) for s in spec.steps] == [("sft", "sft", None), ("dpo_seed0", "dpo", 0),
+                                                               ("dpo_seed3", "dpo", 3)]
+    assert spec.steps[1].overrides == spec.steps[2].overrides == ["stage=dpo", "policy.init={sft}/export"]
+
+
+@pytest.mark.parametrize("steps,extra,key", [
+    ([{"name": "dpo", "seeds": [], "overrides": []}], {}, "pipeline.steps[0].seeds"),
+    ([{"name": "dpo", "seeds": ["a"], "overrides": []}], {}, "pipeline.steps[0].seeds"),
+    ([{"name": "dpo", "seeds": 3, "overrides": []}], {}, "pipeline.steps[0].seeds"),
+    ([{"name": "dpo", "seeds": [0], "overrides": []}], {"dpo_seed0": []}, "pipeline.extra.dpo_seed0"),
+    ([{"name": "dpo_seed0", "overrides": []}, {"name": "dpo", "seeds": [0], "overrides": []}], {}, "pipeline.steps"),
+])
+def test_bad_seeds_and_extras_are_config_errors_naming_the_key(steps, extra, key):
+    with pytest.raises(ConfigError) as error:
+        _spec(steps, extra)
+    assert error.value.key == key
+
+
+def test_the_seeded_steps_seed_wins_over_one_given_to_every_step_and_extras_reach_every_seed(tmp_path):
+    from hydra import initialize_config_dir
+
+    spec = _spec([{"name": "sft", "overrides": ["stage=sft"]},
+                  {"name": "dpo", "seeds": [2], "overrides": ["stage=dpo", "policy.init={sft}/export"]}],
+                 extra={"dpo": ["stage.beta=0.25"]})
+    groups = {"stage": True, "model": True, "data": True}
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        sft_cfg, _, _ = compose_step(spec.steps[0], spec, tmp_path, ["seed=7"], groups, "train")
+        dpo_cfg, overrides, _ = compose_step(spec.steps[1], spec, tmp_path, ["seed=7"], groups, "train")
+    assert sft_cfg.seed == 7 and dpo_cfg.seed == 2 and "seed=7" not in overrides
+    assert dpo_cfg.stage.beta == 0.25 and dpo_cfg.policy.init == f"{tmp_path / 'sft'}/export"
+
+
+def test_method_points_read_each_kind_of_run():
+    online = {"stage": "grpo", "wall_time_s": 40.0, "metrics": {
+        "eval/gold_score": 1.2, "eval/win_rate_vs_sft": 0.8, "eval/kl": 3.5, "eval/gold_score_initial": 0.5,
+        "eval/gold_score_std_initial": 0.6}}
+    assert method_point("grpo_seed1", "grpo", 1, online) == Point("GRPO", 1, 1.2, 0.8, 3.5, 40.0, 0.5, 0.6)
+    best = {"stage": "best_of_n", "wall_time_s": 30.0, "metrics": {
+        f"best_of_n/{n}/{k}": v for n in (1, 2, 16) for k, v in
+        (("gold_score", n / 10), ("win_rate_vs_n1", 0.5 + n / 100), ("kl", math.log(n) - (n - 1) / n))}}
+    point = method_point("best_of_16_seed0", "best_of_16", 0, best)
+    assert point == Point("best-of-16", 0, 1.6, 0.66, math.log(16) - 15 / 16, 30.0, 0.1, None)
+    assert method_point("rm", "rm", None, {"stage": "rm", "metrics": {"val/accuracy": 0.9}}) is None
+
+
+def test_rank_orders_by_mean_gold_with_the_sft_row_from_the_methods_starts():
+    points = [Point("PPO", s, g, w, k, 10.0 + s, 0.5, 0.6) for s, g, w, k in
+              ((0, 1.0, 0.7, 3.0), (1, 1.2, 0.8, 4.0), (2, 1.4, 0.9, 5.0))]
+    points += [Point("DPO", s, g, 0.6, 1.0, 20.0, 0.5, 0.6) for s, g in ((0, 0.9), (1, 0.7))]
+    rows, sft = rank(points, sft_wall_time_s=9.0)
+    assert [r.method for r in rows] == ["PPO", "DPO", "SFT"]
+    ppo, dpo, base = rows
+    assert ppo.seeds == 3 and ppo.gold[0] == pytest.approx(1.2) and ppo.gold[1] == pytest.approx(0.2)
+    assert ppo.kl == pytest.approx((4.0, 1.0)) and ppo.wall_time_s == pytest.approx(11.0)
+    assert dpo.gold[0] == pytest.approx(0.8) and dpo.gold[1] == pytest.approx(math.sqrt(0.02))
+    assert base.gold == (0.5, 0.0) and base.win_rate_vs_sft == (0.5, 0.0) and base.wall_time_s == 9.0
+    assert sft == {"gold": 0.5, "gold_min": 0.5, "gold_max": 0.5, "measurements": 5, "gold_std_over_prompts": 0.6}
+
+
+def test_the_method_ranking_pipeline_runs_each_method_per_seed_and_writes_the_ranking(tmp_path):
+    """experiment=method_ranking as train.py composes it, every step stood in for by one that writes
+    the metrics its stage would (gold = a per-method level + 0.1 x seed)."""
+    from hydra import initialize_config_dir
+
+    run_dir = tmp_path / "ranking"
+    level = {"dpo": 0.8, "ppo": 1.2, "grpo": 1.1, "rloo": 1.0}
+    ran = []
+
+    def stand_in(cfg, step_dir, overrides, choices, config_name):
+        stage, seed = choices["stage"], cfg.seed
+        ran.append((step_dir.name, stage, seed))
+        if stage == "dpo":  # DPO samples the RL stages' held-out prompts
+            assert cfg.stage.eval_prompts.validation_path.kind == "prompts"
+        if stage == "best_of_n":
+            metrics = {f"best_of_n/{n}/{k}": v for n in (1, 16) for k, v in
+                       (("gold_score", 0.5 if n == 1 else 1.3 + 0.1 * seed), ("win_rate_vs_n1", 0.5 + n / 40),
+                        ("kl", math.log(n) - (n - 1) / n))}
+        elif stage in level:
+            metrics = {"eval/gold_score": level[stage] + 0.1 * seed, "eval/win_rate_vs_sft": 0.7,
+                       "eval/kl": 2.0 + seed, "eval/gold_score_initial": 0.5, "eval/gold_score_std_initial": 0.6}
+        else:
+            metrics = {}
+        step_dir.mkdir(parents=True)
+        (step_dir / "metrics.json").write_text(json.dumps(
+            {"status": "completed", "stage": stage, "wall_time_s": 10.0, "metrics": metrics}))
+
+    cfg = compose(["experiment=method_ranking", "seed=5"], run_dir)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        choices = {"stage": "pipeline", "model": "tiny", "data": "demo_sft", "experiment": "method_ranking"}
+        run_pipeline(cfg, run_dir, ["experiment=method_ranking", "seed=5"], choices, "train", stand_in)
+    assert ran[:2] == [("sft", "sft", 5), ("rm", "rm", 5)]
+    assert sorted(ran[2:]) == sorted((f"{m}_seed{s}", "best_of_n" if m == "best_of_16" else m, s)
+                                     for m in METHODS for s in (0, 1, 2))
+    table = (run_dir / "ranking.md").read_text().splitlines()
+    assert [line.split(" | ")[1] for line in table[2:8]] == ["best-of-16", "PPO", "GRPO", "RLOO", "DPO", "SFT"]
+    assert "| 1 | best-of-16 | 3 | 1.400 ± 0.100 | +1.50 |" in table[2]
+    assert "| 2 | PPO | 3 | 1.300 ± 0.100 | +1.33 | 0.700 ± 0.000 | 3.00 ± 1.00 | 10 s |" == table[3]
+    assert "12 runs measured it at their start" in table[-1] and "0.5000 to 0.5000" in table[-1]
+    points = json.loads((run_dir / "ranking.json").read_text())["points"]
+    assert len(points) == 15 and {p["method"] for p in points} == {"best-of-16", "DPO", "PPO", "GRPO", "RLOO"}
+    assert (run_dir / "ranking.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["steps"]) == {"sft", "rm"} | {f"{m}_seed{s}" for m in METHODS for s in (0, 1, 2)}
+    assert "dpo" not in summary.get("gold_score", {})  # the gold chain leaves the ranked steps to the ranking
+
+
+def test_the_experiment_composes_into_the_planned_steps(tmp_path):
+    spec = PipelineSpec.from_config(to_plain(compose(["experiment=method_ranking"], tmp_path))["pipeline"])
+    assert [s.name for s in spec.steps[:2]] == ["sft", "rm"]
+    assert {(s.group, s.seed) for s in spec.steps[2:]} == {(m, s) for m in METHODS for s in (0, 1, 2)}
+    assert all(isinstance(s, Step) for s in spec.steps)
