@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 from conftest import CONF, compose
@@ -84,6 +85,7 @@ def test_rank_orders_by_mean_gold_with_the_sft_row_from_the_methods_starts():
     assert sft == {"gold": 0.5, "gold_min": 0.5, "gold_max": 0.5, "measurements": 5, "gold_std_over_prompts": 0.6}
 
 
+@pytest.mark.slow  # composes the experiment's 17 steps
 def test_the_method_ranking_pipeline_runs_each_method_per_seed_and_writes_the_ranking(tmp_path):
     """experiment=method_ranking as train.py composes it, every step stood in for by one that writes
     the metrics its stage would (gold = a per-method level + 0.1 x seed)."""
@@ -111,10 +113,11 @@ def test_the_method_ranking_pipeline_runs_each_method_per_seed_and_writes_the_ra
         (step_dir / "metrics.json").write_text(json.dumps(
             {"status": "completed", "stage": stage, "wall_time_s": 10.0, "metrics": metrics}))
 
-    cfg = compose(["experiment=method_ranking", "seed=5"], run_dir)
+    cfg = compose(["experiment=method_ranking", "seed=5", "pipeline.parallel=1"], run_dir)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         choices = {"stage": "pipeline", "model": "tiny", "data": "demo_sft", "experiment": "method_ranking"}
-        run_pipeline(cfg, run_dir, ["experiment=method_ranking", "seed=5"], choices, "train", stand_in)
+        run_pipeline(cfg, run_dir, ["experiment=method_ranking", "seed=5", "pipeline.parallel=1"], choices, "train",
+                     stand_in)
     assert ran[:2] == [("sft", "sft", 5), ("rm", "rm", 5)]
     assert sorted(ran[2:]) == sorted((f"{m}_seed{s}", "best_of_n" if m == "best_of_16" else m, s)
                                      for m in METHODS for s in (0, 1, 2))
@@ -136,3 +139,81 @@ def test_the_experiment_composes_into_the_planned_steps(tmp_path):
     assert [s.name for s in spec.steps[:2]] == ["sft", "rm"]
     assert {(s.group, s.seed) for s in spec.steps[2:]} == {(m, s) for m in METHODS for s in (0, 1, 2)}
     assert all(isinstance(s, Step) for s in spec.steps)
+
+
+@pytest.mark.parametrize("value", [0, -1, "two", True, 1.5])
+def test_parallel_must_be_a_positive_integer(value):
+    with pytest.raises(ConfigError) as error:
+        PipelineSpec.from_config({"steps": [{"name": "sft", "overrides": []}], "parallel": value})
+    assert error.value.key == "pipeline.parallel"
+
+
+def test_a_seeded_step_cannot_read_another_seeded_steps_directory():
+    with pytest.raises(ConfigError) as error:
+        _spec([{"name": "sft", "seeds": [0, 1], "overrides": ["stage=sft"]},
+               {"name": "dpo", "seeds": [0], "overrides": ["stage=dpo", "policy.init={sft_seed0}/export"]}])
+    assert error.value.key == "pipeline.steps.dpo" and "{sft_seed0}" in str(error.value)
+    # an unseeded step may: it waits for the seeded ones before it
+    spec = _spec([{"name": "sft", "seeds": [0], "overrides": ["stage=sft"]},
+                  {"name": "dpo", "overrides": ["stage=dpo", "policy.init={sft_seed0}/export"]}])
+    assert [s.name for s in spec.steps] == ["sft_seed0", "dpo"]
+
+
+# two seeded SFT steps side by side (pipeline.parallel=2) after an unseeded one; 1 checkpoint every 5 steps
+PARALLEL = ["~experiment", "stage=pipeline", "pipeline.parallel=2",
+            '+pipeline.steps=[{name: base, overrides: ["stage=sft", "trainer.max_steps=4", "stage.eval.num_prompts=8"]},'
+            ' {name: sft, seeds: [0, 1], overrides: ["stage=sft", "model.name_or_path={base}/export",'
+            ' "trainer.max_steps=150", "trainer.val_check_interval=150", "stage.eval.num_prompts=8",'
+            ' "callbacks.checkpoint.every_n_steps=5"]}]']
+
+
+@pytest.mark.slow
+def test_parallel_steps_stop_on_sigterm_with_checkpoints_and_the_pipeline_resumes(tmp_path):
+    """SIGTERM to the pipeline while its seeded steps run as processes: each step saves a checkpoint
+    and stops, the pipeline exits 143 pointing at resume=<its dir>; resumed, it finishes both seeds."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, train_cli
+
+    run_dir = tmp_path / "pipe"
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *PARALLEL, f"hydra.run.dir={run_dir}"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 400
+    seeds = [run_dir / f"sft_seed{s}" for s in (0, 1)]
+    while not all(list((d / "checkpoints").glob("*.ckpt")) if d.exists() else False for d in seeds):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr[-3000:]
+    assert f"resume={run_dir}" in stderr.strip().splitlines()[-1]
+    for directory in seeds:  # each stopped with a checkpoint of its own, not finished
+        assert not (directory / "metrics.json").exists()
+        assert "received SIGTERM" in (directory / "train.log").read_text()
+    resumed = train_cli([f"resume={run_dir}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "pipeline step base already finished" in resumed.stdout
+    for seed, directory in enumerate(seeds):
+        record = json.loads((directory / "metrics.json").read_text())
+        assert record["status"] == "completed" and record["global_step"] == 150
+        assert json.loads((directory / "run.json").read_text())["launches"] == 2
+        assert f"seed={seed}" in " ".join(json.loads((directory / "run.json").read_text())["overrides"])
+    assert "pipeline step sft_seed0 (resuming): started as process" in resumed.stdout
+
+
+@pytest.mark.slow
+def test_a_failing_parallel_step_is_one_line_with_its_exit_status(tmp_path):
+    from conftest import train_cli
+
+    run_dir = tmp_path / "pipe"
+    failed = train_cli(PARALLEL + ['+pipeline.extra.sft=["stage.optim.lr=-1"]', f"hydra.run.dir={run_dir}"])
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    last = failed.stderr.strip().splitlines()[-1]
+    match = re.fullmatch(r"error: pipeline step (sft_seed[01]) failed \(exit 2\): error: config stage\.optim\.lr: (.*) "
+                         r"\(its output: (.*)\)", last)
+    assert match, last
+    assert match[3] == str(run_dir / match[1] / "console.log")
+    assert json.loads((run_dir / "base" / "metrics.json").read_text())["status"] == "completed"

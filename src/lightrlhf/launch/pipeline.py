@@ -11,8 +11,10 @@ config has that key (`seed=1`, `demo.annotator.length_bias=0.2`); `pipeline.extr
 overrides to one step only.
 
 A step with `seeds: [0, 1, 2]` runs once per seed, as `<name>_seed<s>` with `seed=<s>` (which wins over
-a `seed=` on the command line; the steps it depends on run once); a pipeline with such steps also writes a ranking of them (launch/ranking.py:
-`ranking.md`, `ranking.png`), as `experiment=method_ranking` does.
+a `seed=` on the command line; the steps it depends on run once). With `pipeline.parallel` > 1 that
+many seeded steps run at once, each as its own train.py process (launch/parallel.py); an unseeded step
+waits for them. A pipeline with seeded steps also writes a ranking of them (launch/ranking.py:
+`ranking.md`, `ranking.json`, `ranking.png`), as `experiment=method_ranking` does.
 
 A step that already finished is not run again; a step that was interrupted is resumed from its
 last checkpoint -- so `python train.py resume=<run dir>` continues a killed pipeline where it was.
@@ -20,6 +22,7 @@ last checkpoint -- so `python train.py resume=<run dir>` continues a killed pipe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -32,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightrlhf.callbacks.checkpoint import RunInterrupted
 from lightrlhf.errors import ConfigError
 from lightrlhf.io import atomic_write_text
+from lightrlhf.launch.parallel import StepProcesses, entry_script, forwarding_signals
 from lightrlhf.launch.record import RUN_RECORD, compose_config, override_key, unclaim, write_record
 from lightrlhf.launch.report import METRICS_FILE
 
@@ -54,6 +58,7 @@ class Step:
 class PipelineSpec:
     steps: list[Step]
     extra: dict[str, list[str]] = field(default_factory=dict)
+    parallel: int = 1  # seeded steps at once, each a process of its own (launch/parallel.py)
 
     @classmethod
     def from_config(cls, node: Any) -> PipelineSpec:
@@ -78,7 +83,16 @@ class PipelineSpec:
         unknown = sorted(set(extra) - {s.group for s in steps})
         if unknown:
             raise ConfigError(f"pipeline.extra.{unknown[0]}", f"no step of that name (steps: {', '.join(names)})")
-        return cls(steps, extra)
+        seeded = [s.name for s in steps if s.seed is not None]
+        for i, step in enumerate(steps):  # seeded steps may run at once: none may read another's directory
+            used = [n for n in seeded if "{" + n + "}" in " ".join(step.overrides)]
+            if step.seed is not None and used:
+                raise ConfigError(f"pipeline.steps.{step.group}", f"a seeded step cannot use the directory of "
+                                                                  f"another seeded step ({{{used[0]}}})")
+        parallel = node.get("parallel", 1)
+        if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+            raise ConfigError("pipeline.parallel", f"must be an integer >= 1, got {parallel!r}")
+        return cls(steps, extra, parallel)
 
 
 def run_pipeline(cfg: DictConfig, run_dir: Path, task_overrides: list[str], choices: dict[str, Any],
@@ -104,24 +118,34 @@ def _run_steps(spec: PipelineSpec, cfg: DictConfig, run_dir: Path, task_override
     groups = {key: _has(cfg, key) for key in choices}
     results: dict[str, dict[str, Any]] = {}
     value = None
-    for step in spec.steps:
-        step_dir = run_dir / step.name
-        record = _read_json(step_dir / METRICS_FILE)
-        if record.get("status") == "completed":
-            log.info("pipeline step %s already finished: %s", step.name, step_dir)
-            results[step.name] = record
-            continue
-        resuming = (step_dir / RUN_RECORD).exists()
-        step_cfg, overrides, step_choices = compose_step(step, spec, run_dir, global_overrides, groups, config_name)
-        log.info("pipeline step %s%s: %s", step.name, " (resuming)" if resuming else "", " ".join(overrides))
-        if resuming:
-            OmegaConf.update(step_cfg, "resume", str(step_dir), merge=False)
-        try:
-            value = run_step(step_cfg, step_dir, overrides, step_choices, config_name)
-        except RunInterrupted as interrupted:  # point at the pipeline, which resumes this step
-            raise RunInterrupted(str(interrupted).replace(f"resume={step_dir}", f"resume={run_dir}"),
-                                 interrupted.exit_code) from None
-        results[step.name] = _read_json(step_dir / METRICS_FILE)
+    processes = StepProcesses(spec.parallel, entry_script()) if spec.parallel > 1 else None
+    with forwarding_signals(processes, run_dir) if processes else contextlib.nullcontext():
+        for step in spec.steps:
+            step_dir = run_dir / step.name
+            record = _read_json(step_dir / METRICS_FILE)
+            if record.get("status") == "completed":
+                log.info("pipeline step %s already finished: %s", step.name, step_dir)
+                results[step.name] = record
+                continue
+            resuming = (step_dir / RUN_RECORD).exists()
+            step_cfg, overrides, step_choices = compose_step(step, spec, run_dir, global_overrides, groups, config_name)
+            if processes is not None and step.seed is not None:  # beside the other seeded steps
+                processes.start(step.name, step_dir, overrides, resuming)
+                continue
+            if processes is not None:  # an unseeded step may read what the seeded ones before it wrote
+                processes.wait_all()
+            log.info("pipeline step %s%s: %s", step.name, " (resuming)" if resuming else "", " ".join(overrides))
+            if resuming:
+                OmegaConf.update(step_cfg, "resume", str(step_dir), merge=False)
+            try:
+                value = run_step(step_cfg, step_dir, overrides, step_choices, config_name)
+            except RunInterrupted as interrupted:  # point at the pipeline, which resumes this step
+                raise RunInterrupted(str(interrupted).replace(f"resume={step_dir}", f"resume={run_dir}"),
+                                     interrupted.exit_code) from None
+        if processes is not None:
+            processes.wait_all()
+    results = {step.name: results.get(step.name) or _read_json(run_dir / step.name / METRICS_FILE)
+               for step in spec.steps}
     summary = summarise(results, seeded={step.name for step in spec.steps if step.seed is not None})
     atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
     for line in summary_table(summary):
