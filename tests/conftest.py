@@ -7,6 +7,7 @@ produced once and every test reads the same files.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -60,10 +61,77 @@ def run_in_process(overrides: list[str], run_dir: Path):
         return run_stage(cfg, run_dir, overrides, choices)
 
 
+class _ForkServer:
+    """tests/support/forkserver.py, started on first use: each run is a forked child of a Python that has
+    already imported torch, Lightning and transformers (the seconds of every run's imports, paid once per
+    worker), and still a process of its own: pid, exit status, signals, stdout and stderr."""
+
+    def __init__(self, env: dict, log: Path):
+        self.env, self.log, self.pending = env, log, b""
+        with open(log, "ab") as server_log:
+            self.process = subprocess.Popen([sys.executable, str(FIXTURES.parent / "support" / "forkserver.py")],
+                                            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=server_log)
+
+    def _reply(self, timeout: float | None) -> dict | None:
+        """The server's next reply, or None if none came within `timeout` seconds."""
+        import json
+        import select
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self.process.stdout], [], [], wait)[0]:
+                return None
+            chunk = os.read(self.process.stdout.fileno(), 4096)
+            if not chunk:
+                raise RuntimeError(f"the fork server ended; its log: {self.log}")
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return json.loads(line)
+
+    def run(self, command: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+        import json
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as scratch:
+            out, err = Path(scratch) / "stdout", Path(scratch) / "stderr"
+            request = {"argv": command[1:], "cwd": str(ROOT), "env": env, "stdout": str(out), "stderr": str(err)}
+            self.process.stdin.write(json.dumps(request).encode() + b"\n")
+            self.process.stdin.flush()
+            pid = self._reply(None)["pid"]
+            reply = self._reply(timeout)
+            if reply is None:  # as subprocess.run: kill the run, then raise
+                os.kill(pid, signal.SIGKILL)
+                self._reply(None)
+            output = out.read_text(errors="replace"), err.read_text(errors="replace")
+        if reply is None:
+            raise subprocess.TimeoutExpired(command, timeout, *output)
+        return subprocess.CompletedProcess(command, reply["status"], *output)
+
+
+_server: _ForkServer | None = None
+
+
+def _fork_server(env: dict) -> _ForkServer | None:
+    """This worker's fork server, if it was started with this environment (its imports may have read it)."""
+    global _server
+    if _server is None:
+        log = Path(os.environ.get("LIGHTRLHF_CACHE_DIR", ROOT)) / f"forkserver-{os.getpid()}.log"
+        _server = _ForkServer({**os.environ, "OMP_NUM_THREADS": "1"}, log)
+    per_test = ("PYTEST_CURRENT_TEST",)  # set by pytest, different in every test; no run reads it
+    same = all(_server.env.get(k) == env.get(k) for k in set(_server.env) | set(env) if k not in per_test)
+    return _server if same and _server.process.poll() is None else None
+
+
 def train_cli(args: list[str], timeout: float = 600, script: list[str] | None = None, env: dict | None = None):
-    """Run the real entry point in a subprocess; returns CompletedProcess (text)."""
+    """Run the real entry point in a process of its own; returns CompletedProcess (text)."""
     command = [sys.executable] + (script or [str(ROOT / "train.py")]) + args
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    server = _fork_server(full_env) if os.environ.get("NOFORK") is None else None
+    if server is not None:
+        return server.run(command, full_env, timeout)
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
