@@ -6,6 +6,7 @@ produced once and every test reads the same files.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -67,7 +68,7 @@ class _ForkServer:
     worker), and still a process of its own: pid, exit status, signals, stdout and stderr."""
 
     def __init__(self, env: dict, log: Path):
-        self.env, self.log, self.pending = env, log, b""
+        self.env, self.log, self.pending, self.current = env, log, b"", None
         with open(log, "ab") as server_log:
             self.process = subprocess.Popen([sys.executable, str(FIXTURES.parent / "support" / "forkserver.py")],
                                             cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -75,7 +76,6 @@ class _ForkServer:
 
     def _reply(self, timeout: float | None) -> dict | None:
         """The server's next reply, or None if none came within `timeout` seconds."""
-        import json
         import select
         import time
 
@@ -91,24 +91,54 @@ class _ForkServer:
         line, self.pending = self.pending.split(b"\n", 1)
         return json.loads(line)
 
-    def run(self, command: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
-        import json
+    def start(self, command: list[str], env: dict) -> _ForkedRun:
         import tempfile
 
-        with tempfile.TemporaryDirectory() as scratch:
-            out, err = Path(scratch) / "stdout", Path(scratch) / "stderr"
-            request = {"argv": command[1:], "cwd": str(ROOT), "env": env, "stdout": str(out), "stderr": str(err)}
-            self.process.stdin.write(json.dumps(request).encode() + b"\n")
-            self.process.stdin.flush()
-            pid = self._reply(None)["pid"]
-            reply = self._reply(timeout)
-            if reply is None:  # as subprocess.run: kill the run, then raise
-                os.kill(pid, signal.SIGKILL)
-                self._reply(None)
-            output = out.read_text(errors="replace"), err.read_text(errors="replace")
-        if reply is None:
-            raise subprocess.TimeoutExpired(command, timeout, *output)
-        return subprocess.CompletedProcess(command, reply["status"], *output)
+        if self.current is not None and self.current.poll() is None:  # left running by a failed test
+            self.current.kill()
+            self.current.wait()
+        scratch = tempfile.TemporaryDirectory()
+        out, err = Path(scratch.name) / "stdout", Path(scratch.name) / "stderr"
+        request = {"argv": command[1:], "cwd": str(ROOT), "env": env, "stdout": str(out), "stderr": str(err)}
+        self.process.stdin.write(json.dumps(request).encode() + b"\n")
+        self.process.stdin.flush()
+        self.current = _ForkedRun(self, command, self._reply(None)["pid"], scratch)
+        return self.current
+
+
+class _ForkedRun:
+    """A run in the fork server, as much of subprocess.Popen (text mode, output captured) as the tests use."""
+
+    def __init__(self, server: _ForkServer, args: list[str], pid: int, scratch):
+        self.server, self.args, self.pid, self.scratch, self.returncode = server, args, pid, scratch, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            reply = self.server._reply(0)
+            if reply is not None:
+                self.returncode = reply["status"]
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            reply = self.server._reply(timeout)
+            if reply is None:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            self.returncode = reply["status"]
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        output = tuple((Path(self.scratch.name) / name).read_text(errors="replace") for name in ("stdout", "stderr"))
+        self.scratch.cleanup()
+        return output
 
 
 _server: _ForkServer | None = None
@@ -120,19 +150,35 @@ def _fork_server(env: dict) -> _ForkServer | None:
     if _server is None:
         log = Path(os.environ.get("LIGHTRLHF_CACHE_DIR", ROOT)) / f"forkserver-{os.getpid()}.log"
         _server = _ForkServer({**os.environ, "OMP_NUM_THREADS": "1"}, log)
-    per_test = ("PYTEST_CURRENT_TEST",)  # set by pytest, different in every test; no run reads it
-    same = all(_server.env.get(k) == env.get(k) for k in set(_server.env) | set(env) if k not in per_test)
+    # may differ: set by pytest for each test (no run reads it); a DDP test's rendezvous port (read when
+    # the processes meet, long after the imports)
+    late = ("PYTEST_CURRENT_TEST", "MASTER_PORT")
+    same = all(_server.env.get(k) == env.get(k) for k in set(_server.env) | set(env) if k not in late)
     return _server if same and _server.process.poll() is None else None
+
+
+def start_train(args: list[str], script: list[str] | None = None, env: dict | None = None):
+    """Start the real entry point in a process of its own, output captured: a subprocess.Popen (text), or
+    its stand-in from the fork server (pid, poll, wait, send_signal, kill, communicate, returncode)."""
+    command = [sys.executable] + (script or [str(ROOT / "train.py")]) + args
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    server = _fork_server(full_env)
+    if server is not None:
+        return server.start(command, full_env)
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=full_env)
 
 
 def train_cli(args: list[str], timeout: float = 600, script: list[str] | None = None, env: dict | None = None):
     """Run the real entry point in a process of its own; returns CompletedProcess (text)."""
-    command = [sys.executable] + (script or [str(ROOT / "train.py")]) + args
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    server = _fork_server(full_env) if os.environ.get("NOFORK") is None else None
-    if server is not None:
-        return server.run(command, full_env, timeout)
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    process = start_train(args, script, env)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # as subprocess.run: end it before saying so
+        process.kill()
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def scalar_curve(run_dir: Path, tag: str) -> list[tuple[int, float]]:
