@@ -1,7 +1,8 @@
 """Shared test fixtures: config composition, the real CLI in a subprocess, tiny demo parts.
 
 Generated demo data goes to one cache directory per test session (LIGHTRLHF_CACHE_DIR), so it is
-produced once and every test reads the same files.
+produced once and every test reads the same files; so do the runs that several tests start from
+(`shared`), whichever xdist worker needs them first.
 """
 
 from __future__ import annotations
@@ -24,9 +25,35 @@ FIXTURES = Path(__file__).parent / "fixtures"
 torch.set_num_threads(1)
 
 
+def _session_dir(tmp_path_factory) -> Path:
+    """A directory of this test session that every xdist worker sees (the parent of the workers' own)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def shared(tmp_path_factory, name: str, make) -> Path:
+    """<session dir>/shared/<name>, made by `make(path)` once per test session: the first worker to ask
+    makes it, a worker asking meanwhile waits for it (a file lock) rather than making it again."""
+    import fcntl
+    import shutil
+
+    root = _session_dir(tmp_path_factory) / "shared"
+    root.mkdir(exist_ok=True)
+    path, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)  # what a failed attempt left
+            make(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session", autouse=True)
 def demo_cache(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("lightrlhf-cache")
+    # the files are named by a hash of what shaped them and written atomically: the workers can share them
+    path = _session_dir(tmp_path_factory) / "lightrlhf-cache"
+    path.mkdir(exist_ok=True)
     os.environ["LIGHTRLHF_CACHE_DIR"] = str(path)
     return path
 
@@ -225,15 +252,17 @@ def tiny_tokenizer(tiny_spec):
 
 @pytest.fixture(scope="session")
 def exports(tmp_path_factory):
-    """A short SFT run, a reward model trained on top of it (InstructGPT's order), and one on the raw base."""
-    root = tmp_path_factory.mktemp("exports")
-    run_in_process(["stage=sft", "trainer.max_steps=30", "stage.eval.num_prompts=8", "trainer.val_check_interval=30"],
-                   root / "sft")
-    run_in_process(["stage=rm", "data=demo_pref", f"model.name_or_path={root / 'sft' / 'export'}",
-                    "trainer.max_steps=30", "trainer.val_check_interval=30"], root / "rm")
-    run_in_process(["stage=rm", "data=demo_pref", "trainer.max_steps=5", "trainer.val_check_interval=5"],
-                   root / "rm_raw_base")
-    return root
+    """A short SFT run, a reward model trained on top of it (InstructGPT's order), and one on the raw base.
+    Made once for both workers; tests read them and never write there."""
+    def make(root):
+        run_in_process(["stage=sft", "trainer.max_steps=30", "stage.eval.num_prompts=8",
+                        "trainer.val_check_interval=30"], root / "sft")
+        run_in_process(["stage=rm", "data=demo_pref", f"model.name_or_path={root / 'sft' / 'export'}",
+                        "trainer.max_steps=30", "trainer.val_check_interval=30"], root / "rm")
+        run_in_process(["stage=rm", "data=demo_pref", "trainer.max_steps=5", "trainer.val_check_interval=5"],
+                       root / "rm_raw_base")
+
+    return shared(tmp_path_factory, "exports", make)
 
 
 # The longest tests run first: with `pytest -n 2 --dist worksteal` (make test) one worker takes each

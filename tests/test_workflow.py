@@ -9,7 +9,7 @@ import signal
 import time
 
 import pytest
-from conftest import CONF, every_curve, scalar_curve, start_train, train_cli, train_with_fault
+from conftest import CONF, every_curve, scalar_curve, shared, start_train, train_cli, train_with_fault
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 pytestmark = pytest.mark.slow
@@ -95,10 +95,11 @@ ANY_MOMENT = ["stage=sft", "trainer.max_steps=120", "callbacks.checkpoint.every_
 
 @pytest.fixture(scope="module")
 def uninterrupted_sft(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("straight") / "run"
-    done = train_cli(ANY_MOMENT + [f"hydra.run.dir={run_dir}"])
-    assert done.returncode == 0, done.stderr[-3000:]
-    return run_dir
+    def make(run_dir):
+        done = train_cli(ANY_MOMENT + [f"hydra.run.dir={run_dir}"])
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    return shared(tmp_path_factory, "workflow-uninterrupted-sft", make)
 
 
 @pytest.mark.parametrize("after_seconds", [1.5, 3.5, 5.5])
