@@ -1,12 +1,15 @@
 """Shared test fixtures: config composition, the real CLI in a subprocess, tiny demo parts.
 
 Generated demo data goes to one cache directory per test session (LIGHTRLHF_CACHE_DIR), so it is
-produced once and every test reads the same files.
+produced once and every test reads the same files; so do the runs that several tests start from
+(`shared`), whichever xdist worker needs them first.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +25,35 @@ FIXTURES = Path(__file__).parent / "fixtures"
 torch.set_num_threads(1)
 
 
+def _session_dir(tmp_path_factory) -> Path:
+    """A directory of this test session that every xdist worker sees (the parent of the workers' own)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def shared(tmp_path_factory, name: str, make) -> Path:
+    """<session dir>/shared/<name>, made by `make(path)` once per test session: the first worker to ask
+    makes it, a worker asking meanwhile waits for it (a file lock) rather than making it again."""
+    import fcntl
+    import shutil
+
+    root = _session_dir(tmp_path_factory) / "shared"
+    root.mkdir(exist_ok=True)
+    path, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)  # what a failed attempt left
+            make(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session", autouse=True)
 def demo_cache(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("lightrlhf-cache")
+    # the files are named by a hash of what shaped them and written atomically: the workers can share them
+    path = _session_dir(tmp_path_factory) / "lightrlhf-cache"
+    path.mkdir(exist_ok=True)
     os.environ["LIGHTRLHF_CACHE_DIR"] = str(path)
     return path
 
@@ -60,11 +89,123 @@ def run_in_process(overrides: list[str], run_dir: Path):
         return run_stage(cfg, run_dir, overrides, choices)
 
 
-def train_cli(args: list[str], timeout: float = 600, script: list[str] | None = None, env: dict | None = None):
-    """Run the real entry point in a subprocess; returns CompletedProcess (text)."""
+class _ForkServer:
+    """tests/support/forkserver.py, started on first use: each run is a forked child of a Python that has
+    already imported torch, Lightning and transformers (the seconds of every run's imports, paid once per
+    worker), and still a process of its own: pid, exit status, signals, stdout and stderr."""
+
+    def __init__(self, env: dict, log: Path):
+        self.env, self.log, self.pending, self.current = env, log, b"", None
+        with open(log, "ab") as server_log:
+            self.process = subprocess.Popen([sys.executable, str(FIXTURES.parent / "support" / "forkserver.py")],
+                                            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=server_log)
+
+    def _reply(self, timeout: float | None) -> dict | None:
+        """The server's next reply, or None if none came within `timeout` seconds."""
+        import select
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self.process.stdout], [], [], wait)[0]:
+                return None
+            chunk = os.read(self.process.stdout.fileno(), 4096)
+            if not chunk:
+                raise RuntimeError(f"the fork server ended; its log: {self.log}")
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return json.loads(line)
+
+    def start(self, command: list[str], env: dict) -> _ForkedRun:
+        import tempfile
+
+        if self.current is not None and self.current.poll() is None:  # left running by a failed test
+            self.current.kill()
+            self.current.wait()
+        scratch = tempfile.TemporaryDirectory()
+        out, err = Path(scratch.name) / "stdout", Path(scratch.name) / "stderr"
+        request = {"argv": command[1:], "cwd": str(ROOT), "env": env, "stdout": str(out), "stderr": str(err)}
+        self.process.stdin.write(json.dumps(request).encode() + b"\n")
+        self.process.stdin.flush()
+        self.current = _ForkedRun(self, command, self._reply(None)["pid"], scratch)
+        return self.current
+
+
+class _ForkedRun:
+    """A run in the fork server, as much of subprocess.Popen (text mode, output captured) as the tests use."""
+
+    def __init__(self, server: _ForkServer, args: list[str], pid: int, scratch):
+        self.server, self.args, self.pid, self.scratch, self.returncode = server, args, pid, scratch, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            reply = self.server._reply(0)
+            if reply is not None:
+                self.returncode = reply["status"]
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            reply = self.server._reply(timeout)
+            if reply is None:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            self.returncode = reply["status"]
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        output = tuple((Path(self.scratch.name) / name).read_text(errors="replace") for name in ("stdout", "stderr"))
+        self.scratch.cleanup()
+        return output
+
+
+_server: _ForkServer | None = None
+
+
+def _fork_server(env: dict) -> _ForkServer | None:
+    """This worker's fork server, if it was started with this environment (its imports may have read it)."""
+    global _server
+    if _server is None:
+        log = Path(os.environ.get("LIGHTRLHF_CACHE_DIR", ROOT)) / f"forkserver-{os.getpid()}.log"
+        _server = _ForkServer({**os.environ, "OMP_NUM_THREADS": "1"}, log)
+    # may differ: set by pytest for each test (no run reads it); a DDP test's rendezvous port (read when
+    # the processes meet, long after the imports)
+    late = ("PYTEST_CURRENT_TEST", "MASTER_PORT")
+    same = all(_server.env.get(k) == env.get(k) for k in set(_server.env) | set(env) if k not in late)
+    return _server if same and _server.process.poll() is None else None
+
+
+def start_train(args: list[str], script: list[str] | None = None, env: dict | None = None):
+    """Start the real entry point in a process of its own, output captured: a subprocess.Popen (text), or
+    its stand-in from the fork server (pid, poll, wait, send_signal, kill, communicate, returncode)."""
     command = [sys.executable] + (script or [str(ROOT / "train.py")]) + args
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    server = _fork_server(full_env)
+    if server is not None:
+        return server.start(command, full_env)
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=full_env)
+
+
+def train_cli(args: list[str], timeout: float = 600, script: list[str] | None = None, env: dict | None = None):
+    """Run the real entry point in a process of its own; returns CompletedProcess (text)."""
+    process = start_train(args, script, env)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # as subprocess.run: end it before saying so
+        process.kill()
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def scalar_curve(run_dir: Path, tag: str) -> list[tuple[int, float]]:
@@ -111,21 +252,30 @@ def tiny_tokenizer(tiny_spec):
 
 @pytest.fixture(scope="session")
 def exports(tmp_path_factory):
-    """A short SFT run, a reward model trained on top of it (InstructGPT's order), and one on the raw base."""
-    root = tmp_path_factory.mktemp("exports")
-    run_in_process(["stage=sft", "trainer.max_steps=30", "stage.eval.num_prompts=8", "trainer.val_check_interval=30"],
-                   root / "sft")
-    run_in_process(["stage=rm", "data=demo_pref", f"model.name_or_path={root / 'sft' / 'export'}",
-                    "trainer.max_steps=30", "trainer.val_check_interval=30"], root / "rm")
-    run_in_process(["stage=rm", "data=demo_pref", "trainer.max_steps=5", "trainer.val_check_interval=5"],
-                   root / "rm_raw_base")
-    return root
+    """A short SFT run, a reward model trained on top of it (InstructGPT's order), and one on the raw base.
+    Made once for both workers; tests read them and never write there."""
+    def make(root):
+        run_in_process(["stage=sft", "trainer.max_steps=30", "stage.eval.num_prompts=8",
+                        "trainer.val_check_interval=30"], root / "sft")
+        run_in_process(["stage=rm", "data=demo_pref", f"model.name_or_path={root / 'sft' / 'export'}",
+                        "trainer.max_steps=30", "trainer.val_check_interval=30"], root / "rm")
+        run_in_process(["stage=rm", "data=demo_pref", "trainer.max_steps=5", "trainer.val_check_interval=5"],
+                       root / "rm_raw_base")
+
+    return shared(tmp_path_factory, "exports", make)
 
 
-# The longest tests run first: with `pytest -n 2 --dist worksteal` (make test) one worker takes each
-# while the other goes through the rest, instead of both finishing and one then starting it.
-LONGEST_FIRST = ("test_demo_targets.py",)
+# The two longest tests (minutes each) each head one worker's queue: `pytest -n 2 --dist worksteal` (make
+# test) hands the first half of the collection to one worker and the second half to the other, and an idle
+# worker steals only from the tail of a queue, so neither waits behind the other or runs at the very end.
+LONGEST = ("test_demo_targets.py::test_the_default_demo_meets_its_targets_and_resume_skips_finished_stages",
+           "test_demo_targets.py::test_a_length_biased_annotator_provokes_length_hacking_and_the_tripwire_fires")
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)
+    longest = [item for name in LONGEST for item in items if item.nodeid.endswith(name)]
+    rest = [item for item in items if item not in longest]
+    heads = [len(items) * i // len(longest) for i in range(len(longest))]
+    for head, item in zip(heads, longest):
+        rest.insert(head, item)
+    items[:] = rest

@@ -1,7 +1,7 @@
 """The demo task keeps its promises: the targets of `make demo`, and the phenomena it is built to show.
 
-The two longest tests of the suite (a few minutes together on 2 cores); tests/conftest.py schedules
-this file first so that a parallel run does not end waiting on it.
+The two longest tests of the suite (minutes each on 2 cores); tests/conftest.py puts each at the head
+of one worker's queue so that a parallel run does not end waiting on them.
 """
 
 from __future__ import annotations

@@ -7,16 +7,13 @@ are intact (nothing half-written is left behind).
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import ROOT, train_cli, train_with_fault
+from conftest import start_train, train_cli, train_with_fault
 
 pytestmark = pytest.mark.slow
 SFT = ["stage=sft", "trainer.max_steps=40", "callbacks.checkpoint.every_n_steps=10", "trainer.val_check_interval=40",
@@ -84,8 +81,7 @@ def test_nan_gradient_in_the_reward_model_stops_before_the_step(tmp_path):
 
 
 def _interrupt_and_resume(run_dir, args, signum, code, more_steps):
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py")] + args, cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process = start_train(args)
     deadline = time.time() + 120
     while not (run_dir / "tb").exists() and time.time() < deadline:  # training has started
         time.sleep(0.2)

@@ -17,7 +17,7 @@ import signal
 
 import pytest
 import torch
-from conftest import every_curve, train_cli, train_with_fault
+from conftest import every_curve, shared, train_cli, train_with_fault
 from safetensors.torch import load_file
 
 SFT = ["stage=sft", "trainer.max_steps=30", "trainer.val_check_interval=15", "callbacks.checkpoint.every_n_steps=10",
@@ -56,16 +56,13 @@ def _temp_files(directory) -> list[str]:
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, request):
-    """The uninterrupted run of each stage's command, made when a test first needs it."""
-    made = {}
-
+    """The uninterrupted run of each stage's command, made when a test first needs it (once for both workers)."""
     def run(stage: str):
-        if stage not in made:
-            run_dir = tmp_path_factory.mktemp("straight") / stage
+        def make(run_dir):
             done = train_cli(_args(stage, request) + [f"hydra.run.dir={run_dir}"])
             assert done.returncode == 0, done.stderr[-3000:]
-            made[stage] = run_dir
-        return made[stage]
+
+        return shared(tmp_path_factory, f"reliability-straight-{stage}", make)
 
     return run
 
@@ -108,10 +105,12 @@ def test_killed_and_resumed_every_curve_equals_the_uninterrupted_run(straight, t
 # -- point 1: a damaged newest checkpoint ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def killed_sft(tmp_path_factory):
-    """An SFT run killed right after its second checkpoint (steps 10 and 20 on disk)."""
-    run_dir = tmp_path_factory.mktemp("killed") / "sft"
-    killed = train_with_fault("kill_after_checkpoint:2", SFT + [f"hydra.run.dir={run_dir}"])
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    """An SFT run killed right after its second checkpoint (steps 10 and 20 on disk); tests copy from it."""
+    def make(run_dir):
+        killed = train_with_fault("kill_after_checkpoint:2", SFT + [f"hydra.run.dir={run_dir}"])
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+
+    run_dir = shared(tmp_path_factory, "reliability-killed-sft", make)
     assert _checkpoints(run_dir) == ["step-00000010.ckpt", "step-00000020.ckpt"]
     return run_dir
 

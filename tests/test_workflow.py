@@ -6,12 +6,10 @@ import json
 import math
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
-from conftest import CONF, ROOT, every_curve, scalar_curve, train_cli, train_with_fault
+from conftest import CONF, every_curve, scalar_curve, shared, start_train, train_cli, train_with_fault
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 pytestmark = pytest.mark.slow
@@ -97,10 +95,11 @@ ANY_MOMENT = ["stage=sft", "trainer.max_steps=120", "callbacks.checkpoint.every_
 
 @pytest.fixture(scope="module")
 def uninterrupted_sft(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("straight") / "run"
-    done = train_cli(ANY_MOMENT + [f"hydra.run.dir={run_dir}"])
-    assert done.returncode == 0, done.stderr[-3000:]
-    return run_dir
+    def make(run_dir):
+        done = train_cli(ANY_MOMENT + [f"hydra.run.dir={run_dir}"])
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    return shared(tmp_path_factory, "workflow-uninterrupted-sft", make)
 
 
 @pytest.mark.parametrize("after_seconds", [1.5, 3.5, 5.5])
@@ -109,9 +108,7 @@ def test_sigkill_at_any_moment_then_resume_continues_the_curves_once(tmp_path, u
     validation. Resumed, every curve equals the uninterrupted run's, tag for tag, step for step."""
     run_dir = tmp_path / "run"
     args = ANY_MOMENT + [f"hydra.run.dir={run_dir}"]
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py")] + args, cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**__import__("os").environ,
-                                                                                         "OMP_NUM_THREADS": "1"})
+    process = start_train(args)
     deadline = time.monotonic() + 120
     while not (run_dir / "run.json").exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
