@@ -85,21 +85,26 @@ def test_rank_orders_by_mean_gold_with_the_sft_row_from_the_methods_starts():
     assert sft == {"gold": 0.5, "gold_min": 0.5, "gold_max": 0.5, "measurements": 5, "gold_std_over_prompts": 0.6}
 
 
-@pytest.mark.slow  # composes the experiment's 17 steps
-def test_the_method_ranking_pipeline_runs_each_method_per_seed_and_writes_the_ranking(tmp_path):
-    """experiment=method_ranking as train.py composes it, every step stood in for by one that writes
-    the metrics its stage would (gold = a per-method level + 0.1 x seed)."""
-    from hydra import initialize_config_dir
+def test_the_method_ranking_pipeline_runs_each_method_per_seed_and_writes_the_ranking(tmp_path, monkeypatch):
+    """experiment=method_ranking's pipeline, each step's composition and run stood in for (composing
+    a step is tested above and in test_configs): the stand-in writes the metrics its stage would
+    (gold = a per-method level + 0.1 x seed)."""
+    from omegaconf import OmegaConf
+
+    import lightrlhf.launch.pipeline as pipeline
 
     run_dir = tmp_path / "ranking"
     level = {"dpo": 0.8, "ppo": 1.2, "grpo": 1.1, "rloo": 1.0}
     ran = []
 
+    def composed(step, spec, run_dir, global_overrides, groups, config_name):
+        stage = next(o.split("=")[1] for o in step.overrides if o.startswith("stage="))
+        seed = step.seed if step.seed is not None else next(int(o[5:]) for o in global_overrides if o.startswith("seed="))
+        return OmegaConf.create({"seed": seed}), step.overrides, {"stage": stage}
+
     def stand_in(cfg, step_dir, overrides, choices, config_name):
         stage, seed = choices["stage"], cfg.seed
         ran.append((step_dir.name, stage, seed))
-        if stage == "dpo":  # DPO samples the RL stages' held-out prompts
-            assert cfg.stage.eval_prompts.validation_path.kind == "prompts"
         if stage == "best_of_n":
             metrics = {f"best_of_n/{n}/{k}": v for n in (1, 16) for k, v in
                        (("gold_score", 0.5 if n == 1 else 1.3 + 0.1 * seed), ("win_rate_vs_n1", 0.5 + n / 40),
@@ -114,10 +119,10 @@ def test_the_method_ranking_pipeline_runs_each_method_per_seed_and_writes_the_ra
             {"status": "completed", "stage": stage, "wall_time_s": 10.0, "metrics": metrics}))
 
     cfg = compose(["experiment=method_ranking", "seed=5", "pipeline.parallel=1"], run_dir)
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        choices = {"stage": "pipeline", "model": "tiny", "data": "demo_sft", "experiment": "method_ranking"}
-        run_pipeline(cfg, run_dir, ["experiment=method_ranking", "seed=5", "pipeline.parallel=1"], choices, "train",
-                     stand_in)
+    monkeypatch.setattr(pipeline, "compose_step", composed)
+    choices = {"stage": "pipeline", "model": "tiny", "data": "demo_sft", "experiment": "method_ranking"}
+    run_pipeline(cfg, run_dir, ["experiment=method_ranking", "seed=5", "pipeline.parallel=1"], choices, "train",
+                 stand_in)
     assert ran[:2] == [("sft", "sft", 5), ("rm", "rm", 5)]
     assert sorted(ran[2:]) == sorted((f"{m}_seed{s}", "best_of_n" if m == "best_of_16" else m, s)
                                      for m in METHODS for s in (0, 1, 2))
@@ -135,10 +140,19 @@ def test_the_method_ranking_pipeline_runs_each_method_per_seed_and_writes_the_ra
 
 
 def test_the_experiment_composes_into_the_planned_steps(tmp_path):
+    """Seeds 0-2 of each method after one SFT and one RM, two at a time; DPO samples the RL stages'
+    held-out prompts with its step's seed (every step of it composes and checks: test_configs)."""
+    from hydra import initialize_config_dir
+
     spec = PipelineSpec.from_config(to_plain(compose(["experiment=method_ranking"], tmp_path))["pipeline"])
-    assert [s.name for s in spec.steps[:2]] == ["sft", "rm"]
+    assert [s.name for s in spec.steps[:2]] == ["sft", "rm"] and spec.parallel == 2
     assert {(s.group, s.seed) for s in spec.steps[2:]} == {(m, s) for m in METHODS for s in (0, 1, 2)}
     assert all(isinstance(s, Step) for s in spec.steps)
+    dpo = next(s for s in spec.steps if s.name == "dpo_seed1")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg, _, choices = compose_step(dpo, spec, tmp_path, ["seed=7"], {"stage": True, "data": True}, "train")
+    assert choices["stage"] == "dpo" and cfg.seed == 1
+    assert cfg.stage.eval_prompts.validation_path.kind == "prompts" and cfg.data.validation_path.kind == "preference"
 
 
 @pytest.mark.parametrize("value", [0, -1, "two", True, 1.5])
