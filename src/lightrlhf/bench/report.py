@@ -196,6 +196,14 @@ DIFFERENCES = """## Settings and known differences from the peers
   scale, the gradient clipping at 1.0 does not. The same forwards and backward either way.
 - GRPO at beta 0: ours still runs the reference forward each rollout (it feeds `objective/kl` and the KL
   tripwire); trl skips it.
+- Forwards per GRPO/RLOO rollout: ours samples, then runs the reference (also at beta 0, above), the
+  reward adapter, and one policy forward with gradient that the single update backpropagates (the
+  rollout's log-probs and entropy are read from it). trl's GRPO runs the same policy forward once;
+  trl's RLOO runs it twice (a no-grad one for the old log-probs, then the update's).
+- DPO forwards: ours runs each prompt once and the chosen and rejected responses against its KV cache
+  (`models/shared_prompt.py`; the same log-probs and gradient, 3/4 of the token positions here), the LM
+  head on response positions only; trl runs chosen and rejected as 2 x 16 full rows, the LM head on
+  every position.
 - Off in ours during the timed loop: validation and held-out sampling (`trainer.val_check_interval`
   past the budget, `stage.eval.at_start=false`), checkpoints (`callbacks.checkpoint=null`), export
   (`export.enabled=false`) and the progress bar.
