@@ -123,3 +123,22 @@ def test_benchmark_grpo_rloo_are_trl_settings(name, baseline, scale, beta, tmp_p
     assert stage["max_grad_norm"] == 1.0 and stage["rollouts"] == 12 and stage["eval"]["at_start"] is False
     assert cfg["policy"]["init"] is None and cfg["data"]["path"].endswith("prompts.jsonl")
     assert cfg["callbacks"]["timer"]["units_per_step"] == 16 and cfg["callbacks"]["timer"]["unit"] == "episodes/s"
+
+
+def test_report_scales_the_new_rows_by_the_floor_and_checks_the_targets(tmp_path):
+    """ours / floor here x floor / trl there, for DPO, GRPO and RLOO too, against the issue's targets."""
+    from lightrlhf.bench.report import PUBLISHED, Summary, markdown
+    from lightrlhf.bench.workload import configurations
+
+    configs = configurations(tmp_path / "assets", tmp_path / "rm")
+    # the floor at half its published rate: every scaled ratio is twice the plain one
+    rates = {"floor": PUBLISHED["floor"].rate / 2, "dpo": 10.3, "grpo": 7.56, "rloo": 8.0}
+    summaries = {name: Summary(configs[name], rate, rate, rate, configs[name].units_per_step / rate, 900.0, 60.0, 3, 0,
+                               2, {"rollout_s": 0.5, "update_s": 0.3} if name in ("grpo", "rloo") else {})
+                 for name, rate in rates.items()}
+    text = markdown(summaries, 3, "now", {"torch": "x", "threads": "2", "cpu": "cpu", "commit": "abc"})
+    assert "lightrlhf DPO 1.51x; lightrlhf GRPO (k=4) 1.20x; lightrlhf RLOO (k=4) 1.57x." in text
+    assert ("- Targets (the scaled ratio above): lightrlhf DPO 1.51x vs 1.5x: met; lightrlhf GRPO (k=4) 1.20x vs 1.3x: "
+            "**missed**; lightrlhf RLOO (k=4) 1.57x vs 1.3x: met.") in text
+    assert "| *trl GRPO, k=4 (1.16.0): PEERS.md, 2026-11-24, not re-measured here* | 60 rollouts | 12.6 episodes/s" in text
+    assert "lightrlhf RLOO (k=4), as the stage logs it (`time/rollout_s`, `time/update_s`): 0.50 s rollout" in text
