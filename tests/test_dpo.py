@@ -131,8 +131,47 @@ def test_chosen_and_rejected_in_one_forward_match_separate_forwards(stage, polic
                      for k in ("chosen", "rejected")]
     finally:
         stage.model = original
-    assert_close(together.chosen, alone[0], rtol=0, atol=1e-5)
-    assert_close(together.rejected, alone[1], rtol=0, atol=1e-5)
+    # detail: the prompt runs once (models/shared_prompt.py), with other kernels than the full rows: sums of
+    # ~64 log-probs near -70 agree to float32 rounding, a few 1e-7 relative
+    assert_close(together.chosen, alone[0], rtol=1e-6, atol=1e-5)
+    assert_close(together.rejected, alone[1], rtol=1e-6, atol=1e-5)
+
+
+def test_the_prompt_once_gives_the_log_probs_and_gradient_of_the_2b_row_forward(stage, policy, monkeypatch):
+    """models/shared_prompt.py: each prompt runs once and both responses against its cache; the same
+    log-probs and gradient as chosen and rejected as 2B full rows (prompts of several lengths, padding)."""
+    import lightrlhf.stages.dpo as dpo
+    from lightrlhf.data.tokenize import PairFeatures
+
+    ids = torch.randint(3, 200, (5, 20), generator=torch.Generator().manual_seed(0)).tolist()
+    # prompts of 3..7 tokens, chosen 2..6 and rejected 7..3: right padding in both, of every width
+    pairs = [PairFeatures(ids[i][:3 + i] + ids[i][10:12 + i], ids[i][:3 + i] + ids[i][12:19 - i], 3 + i, 3 + i, 0.0, i)
+             for i in range(5)]
+    batch = collate_pairs(policy.tokenizer.pad_token_id)(pairs)
+    stage.model, original = policy, stage.model
+    params = [p for p in policy.module.parameters() if p.requires_grad]
+    results = []
+    try:
+        for shared in (True, False):
+            if not shared:
+                monkeypatch.setattr(dpo, "split_prompts", lambda *args, **kwargs: None)
+            for p in params:
+                p.grad = None
+            out = stage.pair_logps(batch)
+            (out.chosen - 0.5 * out.rejected).sum().backward()
+            with torch.no_grad():
+                ref = stage.pair_logps(batch, reference=True)
+            results.append((out, ref, [p.grad.clone() for p in params]))
+    finally:
+        stage.model = original
+    (shared, shared_ref, shared_grad), (rows, rows_ref, rows_grad) = results
+    for a, b in ((shared, rows), (shared_ref, rows_ref)):
+        assert_close(a.chosen, b.chosen, rtol=1e-5, atol=1e-4)
+        assert_close(a.rejected, b.rejected, rtol=1e-5, atol=1e-4)
+        assert torch.equal(a.chosen_tokens, b.chosen_tokens) and torch.equal(a.rejected_tokens, b.rejected_tokens)
+    assert not torch.allclose(shared.chosen, shared_ref.chosen)  # the adapter is on for the policy, off for the reference
+    for a, b in zip(shared_grad, rows_grad):
+        assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_precomputed_reference_equals_the_reference_on_the_fly(stage):

@@ -129,6 +129,27 @@ def test_step_zero_ratio_is_exactly_one_and_kl_exactly_zero(actor, monkeypatch, 
 
 
 @pytest.mark.parametrize("stage_name", ["grpo", "rloo"])
+def test_one_pass_reuses_the_rollout_forward_with_the_same_gradient(actor, monkeypatch, stage_name):
+    """num_iterations=1, one minibatch: the update backpropagates the rollout's policy forward instead of
+    running it again; the same samples, loss and gradient as recomputing it (two micro-batches)."""
+    grads, losses = [], []
+    for micro, reused in ((None, True), (8, False)):
+        stage = _stage(actor, stage_name, group={"num_iterations": 1, "num_minibatches": 1, "micro_batch_size": micro})
+        optimizer = _no_lightning(stage, monkeypatch)
+        assert stage.reuse_rollout_forward is reused
+        batch = _first_batch(stage)
+        assert (batch.rollout.logprobs_graph is not None) is reused
+        stats = stage.update(batch)
+        assert stats["policy/ratio_mean"] == 1.0 and stats["policy/optimizer_steps"] == 1.0
+        losses.append(stats["policy/loss"])
+        grads.append([p.grad.clone() for g in optimizer.param_groups for p in g["params"]])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-7)
+    assert any(g.abs().sum() > 0 for g in grads[0])
+    for fused, recomputed in zip(*grads):
+        torch.testing.assert_close(fused, recomputed, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("stage_name", ["grpo", "rloo"])
 def test_advantages_compare_the_responses_to_one_prompt(actor, stage_name):
     stage = _stage(actor, stage_name, group={"scale_rewards": False} if stage_name == "grpo" else {})
     batch = _first_batch(stage)

@@ -1,4 +1,4 @@
-"""python -m lightrlhf.bench [--runs N] [--only sft rm ppo ppo1 floor] [--steps-scale F]
+"""python -m lightrlhf.bench [--runs N] [--only sft rm ppo ppo1 dpo grpo rloo floor] [--steps-scale F]
 
 Runs each configuration N times (clean runs; contaminated ones are retried), round-robin so that
 drift over the session spreads evenly over the configurations, then prints the report and writes
@@ -18,6 +18,7 @@ from lightrlhf.bench.report import DIFFERENCES, environment, git_commit, markdow
 from lightrlhf.bench.runner import run_timed, wait_until_idle
 from lightrlhf.bench.workload import (
     ASSETS,
+    ONLINE,
     OUT,
     ROOT,
     BenchError,
@@ -30,7 +31,7 @@ from lightrlhf.bench.workload import (
     require_peer_bench,
 )
 
-NAMES = ("sft", "floor", "rm", "ppo", "ppo1")
+NAMES = ("sft", "floor", "rm", "ppo", "ppo1", "dpo", "grpo", "rloo")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -87,7 +88,7 @@ def prepare(only: list[str]) -> tuple[dict[str, str], list[str], dict[str, Any],
     print(f"tokenized with lightrlhf: SFT and preference sequences {lengths['sft_lengths']} tokens "
           f"(prompt {lengths['sft_prompt_lengths']}, ends with EOS), prompts {lengths['prompt_lengths']}, "
           f"BOS added: {lengths['bos_added']}", flush=True)
-    reward = ensure_reward_export(ASSETS) if {"ppo", "ppo1"} & set(only) else None
+    reward = ensure_reward_export(ASSETS) if set(ONLINE) & set(only) else None
     if "floor" in only:
         require_peer_bench("the bare-PyTorch floor")
     return hashes, notes, lengths, reward
@@ -159,10 +160,10 @@ def checks_section(hashes: dict[str, str], notes: list[str], lengths: dict[str, 
     ours = [r for rs in records.values() for r in rs if r["ok"] and "data_problems" in r["result"]]
     problems = {k: v for r in ours for k, v in r["result"]["data_problems"].items() if v}
     lines.append(f"- Truncated or dropped rows in the runs: {problems or 'none'}.")
-    ppo = [r["result"].get("shares_base") for name in ("ppo", "ppo1") for r in records.get(name, []) if r["ok"]]
-    if ppo:
-        lines.append(f"- PPO: the reward model shares the policy's base (log says so) in {sum(map(bool, ppo))} "
-                     f"of {len(ppo)} runs.")
+    online = [r["result"].get("shares_base") for name in ONLINE for r in records.get(name, []) if r["ok"]]
+    if online:
+        lines.append(f"- PPO, GRPO, RLOO: the reward model shares the policy's base (log says so) in "
+                     f"{sum(map(bool, online))} of {len(online)} runs.")
     commits = sorted({r["commit"] for rs in records.values() for r in rs if r["ok"]})
     lines.append(f"- lightrlhf code: {', '.join(commits)}"
                  + (" -- the code changed during the session" if len(commits) > 1 else " for every run") + ".")

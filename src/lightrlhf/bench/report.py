@@ -12,7 +12,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from lightrlhf.bench.workload import Config
+from lightrlhf.bench.workload import ONLINE, Config
 
 # PEERS.md, "Results" (2026-11-24, median of 3 clean runs) -- quoted, not re-measured here.
 PEER_DATE = "2026-11-24"
@@ -42,7 +42,15 @@ PUBLISHED = {
                      "258 generated tok/s", 1239, 104.8),
     "ppo1": Published("trl PPO, 1 PPO epoch (1.12.0)", "25 rollouts", 6.98, 6.73, 7.05, "episodes/s", 2.29,
                       "447 generated tok/s", 1244, 64.8),
+    "dpo": Published("trl DPO (1.16.0)", "100", 13.6, 12.9, 14.3, "pairs/s", 1.175, "3,487 tokens/s", 1373, 124.2),
+    "grpo": Published("trl GRPO, k=4 (1.16.0)", "60 rollouts", 12.6, 12.1, 13.0, "episodes/s", 1.271,
+                      "3.15 prompts/s; 805 generated tok/s", 979, 82.4),
+    "rloo": Published("trl RLOO, k=4 (1.16.0)", "60 rollouts", 10.2, 10.1, 10.8, "episodes/s", 1.573,
+                      "2.54 prompts/s; 651 generated tok/s", 911, 101.5),
 }
+# The issue's targets: ours / trl at least this, both taken relative to the bare-PyTorch floor (the
+# scaled ratio below), since absolute rates on these shared machines drift between sessions.
+TARGETS = {"dpo": 1.5, "grpo": 1.3, "rloo": 1.3}
 # MFU (PEERS.md): work actually done per token by LoRA SFT on this model, and the measured peak.
 FLOP_PER_TOKEN = 16.7e6
 PEAK_FLOPS = 180.7e9
@@ -60,7 +68,7 @@ class Summary:
     clean: int
     contaminated: int
     threads: int | None
-    extra: dict[str, float]  # medians of other per-run figures (PPO: rollout_s, update_s)
+    extra: dict[str, float]  # medians of other per-run figures (PPO, GRPO, RLOO: rollout_s, update_s)
 
 
 def summarise(config: Config, records: list[dict[str, Any]]) -> Summary | None:
@@ -124,21 +132,27 @@ def markdown(summaries: dict[str, Summary], runs: int, when: str, environment: d
         lines.append("- Cross-session, indicative only (ours here / trl as published in PEERS.md): "
                      + "; ".join(cross) + ".")
         if floor:
+            scaled = {name: s.rate / floor.rate * PUBLISHED["floor"].rate / PUBLISHED[name].rate
+                      for name, s in summaries.items() if s.config.ours and name in PUBLISHED}
             lines.append("  Scaled by the floor's drift (ours / floor here x floor / trl there): " + "; ".join(
-                f"{s.config.title} {s.rate / floor.rate * PUBLISHED['floor'].rate / PUBLISHED[name].rate:.2f}x"
-                for name, s in summaries.items() if s.config.ours and name in PUBLISHED) + ".")
-    for name in ("ppo", "ppo1"):
+                f"{summaries[name].config.title} {ratio:.2f}x" for name, ratio in scaled.items()) + ".")
+            targets = [f"{summaries[name].config.title} {scaled[name]:.2f}x vs {goal:.1f}x: "
+                       + ("met" if scaled[name] >= goal else "**missed**")
+                       for name, goal in TARGETS.items() if name in scaled]
+            if targets:
+                lines.append("- Targets (the scaled ratio above): " + "; ".join(targets) + ".")
+    for name in (*ONLINE, "dpo"):
         if name in summaries:
             s, p = summaries[name], PUBLISHED[name]
-            lines.append(f"- Peak RSS, {s.config.title}: {s.rss_mb:,.0f} MB at {_n(s.rate)} episodes/s "
-                         f"(trl: {p.rss_mb:,.0f} MB at {_n(p.rate)} episodes/s, PEERS.md).")
+            lines.append(f"- Peak RSS, {s.config.title}: {s.rss_mb:,.0f} MB at {_n(s.rate)} {s.config.unit} "
+                         f"(trl: {p.rss_mb:,.0f} MB at {_n(p.rate)} {p.unit}, PEERS.md).")
     if "ppo" in summaries and "ppo1" in summaries:
         four, one = summaries["ppo"], summaries["ppo1"]
         epoch = (four.s_per_step - one.s_per_step) / 3
         lines.append(f"- PPO, derived as in PEERS.md from the 4- and 1-epoch runs: about {epoch:.2f} s per PPO "
                      f"epoch and {one.s_per_step - epoch:.2f} s of rollout (64-token sampling for 16 prompts + "
                      f"scoring) per iteration (trl, same derivation on its machine: 0.56 s and 1.7 s).")
-    for name in ("ppo", "ppo1"):
+    for name in ONLINE:
         s = summaries.get(name)
         if s and {"rollout_s", "update_s"} <= set(s.extra):
             lines.append(f"- {s.config.title}, as the stage logs it (`time/rollout_s`, `time/update_s`): "
@@ -160,8 +174,36 @@ def markdown(summaries: dict[str, Summary], runs: int, when: str, environment: d
 DIFFERENCES = """## Settings and known differences from the peers
 
 - Held equal: LoRA r=16, alpha 32, dropout 0 on q/k/v/o; fp32; no gradient checkpointing; AdamW at a
-  constant learning rate (2e-4 SFT/RM, 1e-5 PPO), no warmup; batch 16; logging every step; completion-only
-  SFT loss; PPO with 16 prompts, 64 sampled tokens, temperature 1, 1 minibatch, kl coef 0.05.
+  constant learning rate (2e-4 SFT/RM/DPO, 1e-5 PPO/GRPO/RLOO), no warmup; batch 16; logging every step;
+  completion-only SFT loss; PPO with 16 prompts, 64 sampled tokens, temperature 1, 1 minibatch, kl coef 0.05.
+- DPO as trl_dpo.py: 16 pairs per step, sigmoid loss, beta 0.1, no label smoothing, the reference = the
+  same base with the adapter off, recomputed at every step (`stage.reference.precompute=false`).
+- GRPO and RLOO as trl_grpo.py / trl_rloo.py: 4 prompts x k=4 = 16 responses of exactly 64 tokens at
+  temperature 1, one pass (num_iterations 1) of one minibatch = one optimizer step per rollout, ratio clip
+  0.2, loss averaged over all response tokens of the batch (`token_mean`; trl's GRPO loss `dapo` divides by
+  the batch's token count, the same on one process). GRPO: beta 0, advantages (r - mean) / (std + 1e-4)
+  over each prompt's group. RLOO: beta 0.05 as beta x the response's summed k1 KL subtracted from the
+  reward, leave-one-out baseline, advantages not normalised (trl's defaults).
+- GRPO/RLOO reward: the reward model's raw score, as trl uses it (`reward.normalize.enabled=false`,
+  `reward.clip=null`, no missing-EOS penalty). Ours scores the sampled token ids through the reward
+  adapter on the shared base (last token's hidden state only); trl decodes the text, re-tokenises it and
+  runs the separate `tiny-llama-rm`.
+- GRPO/RLOO sampling: `ignore_eos` makes EOS an ordinary token (it can be sampled, and sampling goes on);
+  trl's `min_new_tokens=64` masks EOS out for all 64 steps. Same lengths, so the same work.
+- RLOO's loss: trl 1.16 takes the ratio of whole sequences (exp of the summed log-ratio), clips it and
+  averages over sequences; ours clips per token and averages over tokens (GRPO's surrogate). At ratio 1
+  (one pass) trl's gradient is 64x ours (one per token of a 64-token response): AdamW nearly ignores the
+  scale, the gradient clipping at 1.0 does not. The same forwards and backward either way.
+- GRPO at beta 0: ours still runs the reference forward each rollout (it feeds `objective/kl` and the KL
+  tripwire); trl skips it.
+- Forwards per GRPO/RLOO rollout: ours samples, then runs the reference (also at beta 0, above), the
+  reward adapter, and one policy forward with gradient that the single update backpropagates (the
+  rollout's log-probs and entropy are read from it). trl's GRPO runs the same policy forward once;
+  trl's RLOO runs it twice (a no-grad one for the old log-probs, then the update's).
+- DPO forwards: ours runs each prompt once and the chosen and rejected responses against its KV cache
+  (`models/shared_prompt.py`; the same log-probs and gradient, 3/4 of the token positions here), the LM
+  head on response positions only; trl runs chosen and rejected as 2 x 16 full rows, the LM head on
+  every position.
 - Off in ours during the timed loop: validation and held-out sampling (`trainer.val_check_interval`
   past the budget, `stage.eval.at_start=false`), checkpoints (`callbacks.checkpoint=null`), export
   (`export.enabled=false`) and the progress bar.
@@ -175,10 +217,12 @@ DIFFERENCES = """## Settings and known differences from the peers
   (scores checked equal to the peer model's); the RM stage trains `tiny-llama` + LoRA + a fresh head,
   trl trains `tiny-llama-rm` + LoRA + its head. Neither computes the LM head's vocabulary logits.
 - Data: one example of each file is held out (`data.val_fraction=0`, the least lightrlhf allows),
-  so the training set has 2047 rows (SFT, RM) and 511 prompts (PPO); trl trains on all of them.
-  After training, lightrlhf validates once on that one example (counted in wall time, not in throughput).
+  so the training set has 2047 rows (SFT, RM, DPO) and 511 prompts (PPO, GRPO, RLOO); trl trains on all
+  of them. After training, lightrlhf validates once on that one example (counted in wall time, not in
+  throughput).
 - PPO: `reward.normalize.init_rollouts=1` (one batch of the initial policy's rollouts fixes the
-  reward normaliser) runs before the first timed batch; trl does not normalise scores.
+  reward normaliser) runs before the first timed batch; trl does not normalise scores. GRPO/RLOO
+  sample one such batch too (the tripwires' baseline), also before the timed loop.
 - Gradient clipping at norm 1.0 in ours and in trl (its default); the floor does not clip.
 - Start-up: wall time includes imports, Hydra composition, model load and tokenization for ours,
   imports, model load and dataset processing for the peers.

@@ -34,7 +34,9 @@ EXPECTED_SHA256 = {
     "tiny-llama-rm/model.safetensors": ("4fb74983", "b582"),
 }
 PROMPT_TOKENS, SEQUENCE_TOKENS, NEW_TOKENS, BATCH = 64, 128, 64, 16
+GROUP = 4  # GRPO/RLOO: responses per prompt (trl's num_generations)
 LORA_TARGETS = "[q_proj,k_proj,v_proj,o_proj]"
+ONLINE = ("ppo", "ppo1", "grpo", "rloo")  # sample, score and log time/rollout_s, time/update_s
 
 
 class BenchError(Exception):
@@ -234,7 +236,39 @@ def configurations(assets: Path, reward_export: Path | None, scale: float = 1.0)
                                  "stage.scheduler.warmup_steps=0", f"stage.rollouts={steps(25)}",
                                  "stage.eval.at_start=false"))
 
-    configs = [sft, rm, ppo("ppo", "lightrlhf PPO, 4 PPO epochs", 4), ppo("ppo1", "lightrlhf PPO, 1 PPO epoch", 1)]
+    # trl_dpo.py: 16 pairs, sigmoid, beta 0.1, the reference = the adapter off, recomputed every step
+    dpo = Config("dpo", "lightrlhf DPO", "pairs/s", BATCH, steps(100),
+                 secondary={"tokens/s": BATCH * 2 * SEQUENCE_TOKENS},
+                 overrides=("stage=dpo", *_common(assets, "pref.jsonl"), "policy.init=null", *supervised,
+                            "stage.loss_type=sigmoid", "stage.beta=0.1", "stage.label_smoothing=0.0",
+                            "stage.reference.precompute=false", "stage.eval.at_start=false",
+                            f"trainer.max_steps={steps(100)}"))
+
+    def group(name: str, title: str, stage: str, beta: float) -> Config:
+        # trl_rloo.py / trl_grpo.py: 4 prompts x k=4, exactly 64 new tokens, the frozen RM's raw score,
+        # num_iterations 1 and one optimizer step per generation batch (1 minibatch of 16)
+        return Config(name, title, "episodes/s", BATCH, steps(60), step_word="rollouts",
+                      secondary={"prompts/s": BATCH // GROUP, "generated tok/s": BATCH * NEW_TOKENS},
+                      overrides=(f"stage={stage}", *_common(assets, "prompts.jsonl"), "policy.init=null",
+                                 f"reward.path={reward_export}",
+                                 # trl scores with the raw RM output: no normaliser, clip or EOS penalty
+                                 "reward.normalize.enabled=false", "reward.normalize.init_rollouts=1",
+                                 "reward.clip=null", "reward.missing_eos_penalty=0.0",
+                                 f"stage.datamodule.batch_size={BATCH // GROUP}", f"stage.group.group_size={GROUP}",
+                                 "stage.group.num_iterations=1", "stage.group.num_minibatches=1",
+                                 "stage.group.clip_range=0.2", "stage.group.loss_aggregation=token_mean",
+                                 f"stage.kl.coef={beta}", "stage.kl.kl_in=reward",
+                                 f"stage.generation.max_new_tokens={NEW_TOKENS}", "stage.generation.ignore_eos=true",
+                                 "stage.generation.temperature=1.0", "stage.optim.lr=1e-5",
+                                 "stage.scheduler.name=constant", "stage.scheduler.warmup_steps=0",
+                                 f"stage.rollouts={steps(60)}", "stage.eval.at_start=false"))
+
+    configs = [sft, rm, ppo("ppo", "lightrlhf PPO, 4 PPO epochs", 4), ppo("ppo1", "lightrlhf PPO, 1 PPO epoch", 1),
+               dpo,
+               # GRPO as trl's defaults: beta 0 (no KL term), rewards scaled by the group's std
+               group("grpo", "lightrlhf GRPO (k=4)", "grpo", 0.0),
+               # RLOO as trl's defaults: beta 0.05, sequence-level k1 KL subtracted from the reward
+               group("rloo", "lightrlhf RLOO (k=4)", "rloo", 0.05)]
     floor = peer_bench_dir() / "torch_sft_floor.py"
     configs.append(Config("floor", "bare PyTorch SFT floor (measured here)", "tokens/s", BATCH * SEQUENCE_TOKENS, steps(150),
                           script=str(floor)))
@@ -265,15 +299,15 @@ def read_result(config: Config, run_dir: Path, log_text: str) -> dict[str, Any] 
         data = record.get("data", {})
         out["data_problems"] = {k: v for k, v in data.items() if "truncated" in k or "dropped" in k}
     log_file = run_dir / "run" / "train.log"
-    if config.name.startswith("ppo") and log_file.is_file():
+    if config.name in ONLINE and log_file.is_file():
         out["shares_base"] = "shares the policy's base" in log_file.read_text()
         out.update(ppo_time_split(run_dir / "run" / "tb", skip=timer["warmup"]))
     return out
 
 
 def ppo_time_split(tb_dir: Path, skip: int) -> dict[str, float]:
-    """Median seconds per rollout spent sampling+scoring and updating, from the stage's own
-    `time/rollout_s` and `time/update_s` curves (first `skip` rollouts left out)."""
+    """Median seconds per rollout spent sampling+scoring and updating, from the online stage's own
+    (PPO, GRPO, RLOO) `time/rollout_s` and `time/update_s` curves (first `skip` rollouts left out)."""
     import statistics
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

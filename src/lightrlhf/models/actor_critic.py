@@ -117,17 +117,21 @@ class ActorCritic(nn.Module):
         return active_adapter(self.module, None)
 
     # -- forwards ------------------------------------------------------------------------------
-    def _logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def _logits(self, input_ids: Tensor, attention_mask: Tensor, last: int) -> Tensor:
         return self.module(input_ids=input_ids, attention_mask=attention_mask,
-                           position_ids=positions_from_mask(attention_mask), use_cache=False).logits
+                           position_ids=positions_from_mask(attention_mask), use_cache=False,
+                           logits_to_keep=last).logits
 
-    def policy_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def policy_logits(self, input_ids: Tensor, attention_mask: Tensor, last: int = 0) -> Tensor:
+        """[B, T, V]; with `last` > 0 only the last `last` positions' [B, last, V]: the LM head (and
+        whatever reads its output) then runs on the positions that predict a scored token alone."""
         with self.policy_context():
-            return self._logits(input_ids, attention_mask)
+            return self._logits(input_ids, attention_mask, last)
 
-    def reference_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def reference_logits(self, input_ids: Tensor, attention_mask: Tensor, last: int = 0) -> Tensor:
+        """As `policy_logits`, with every adapter off."""
         with self.reference_context():
-            return self._logits(input_ids, attention_mask)
+            return self._logits(input_ids, attention_mask, last)
 
     def values(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """V at every position [B, T] (the value of the state *after* reading that token)."""

@@ -35,8 +35,12 @@ def active_adapter(peft_model, adapter: str | None) -> Iterator[None]:
     """Run the block with `adapter` active (None: every adapter off, i.e. the bare base).
 
     The trainable flags that `set_adapter` changes are restored afterwards by name, so a role that
-    is frozen stays frozen whatever the order of passes.
+    is frozen stays frozen whatever the order of passes. When `adapter` is already the active one
+    (the policy, between the other roles' passes) nothing is switched: a switch walks every module.
     """
+    if adapter is not None and peft_model.active_adapter == adapter and peft_model.has_active_enabled_adapter:
+        yield
+        return
     flags = {n: p.requires_grad for n, p in peft_model.named_parameters()}
     try:
         if adapter is None:

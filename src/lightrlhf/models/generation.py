@@ -95,31 +95,36 @@ def sample(model: Callable, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_
            mix_epsilon: float = 0.0) -> Generation:
     """Sample up to `max_new_tokens` tokens per prompt (see module docstring)."""
     batch = prompt_ids.shape[0]
-    policy = _Stepper(model, model_context)
-    reference = _Stepper(model, mix_model_context) if mix_epsilon > 0 and mix_model_context else None
+    mixing = mix_epsilon > 0 and mix_model_context is not None
+    # detail: a role switch walks every module (peft's set_adapter, milliseconds); sampling from one
+    # role switches once for the whole loop, only mixing two roles switches at every token.
+    policy = _Stepper(model, model_context if mixing else contextlib.nullcontext)
+    reference = _Stepper(model, mix_model_context) if mixing else None
     mask = prompt_mask.clone()
     positions = positions_from_mask(mask)
     step_ids, step_positions = prompt_ids, positions
     finished = torch.zeros(batch, dtype=torch.bool)
     tokens_out, mask_out = [], []
-    for _ in range(max_new_tokens):
-        logits = policy(step_ids, mask, step_positions)
-        tokens = sample_tokens(logits, temperature, top_k, top_p, generator)
-        if reference is not None:
-            ref_tokens = sample_tokens(reference(step_ids, mask, step_positions), temperature, top_k, top_p, generator)
-            use_ref = torch.rand(batch, generator=generator) < mix_epsilon
-            tokens = torch.where(use_ref, ref_tokens, tokens)
-        alive = ~finished
-        tokens = torch.where(alive, tokens, torch.full_like(tokens, pad_token_id))
-        tokens_out.append(tokens)
-        mask_out.append(alive.long())
-        if stop_at_eos:
-            finished = finished | (tokens == eos_token_id)
-        if bool(finished.all()):
-            break
-        mask = torch.cat([mask, alive.long()[:, None]], dim=1)
-        step_positions = step_positions[:, -1:] + 1
-        step_ids = tokens[:, None]
+    with contextlib.nullcontext() if mixing else model_context():
+        for _ in range(max_new_tokens):
+            logits = policy(step_ids, mask, step_positions)
+            tokens = sample_tokens(logits, temperature, top_k, top_p, generator)
+            if reference is not None:
+                ref_logits = reference(step_ids, mask, step_positions)
+                ref_tokens = sample_tokens(ref_logits, temperature, top_k, top_p, generator)
+                use_ref = torch.rand(batch, generator=generator) < mix_epsilon
+                tokens = torch.where(use_ref, ref_tokens, tokens)
+            alive = ~finished
+            tokens = torch.where(alive, tokens, torch.full_like(tokens, pad_token_id))
+            tokens_out.append(tokens)
+            mask_out.append(alive.long())
+            if stop_at_eos:
+                finished = finished | (tokens == eos_token_id)
+            if bool(finished.all()):
+                break
+            mask = torch.cat([mask, alive.long()[:, None]], dim=1)
+            step_positions = step_positions[:, -1:] + 1
+            step_ids = tokens[:, None]
     response_ids = torch.stack(tokens_out, dim=1)
     response_mask = torch.stack(mask_out, dim=1)
     ended = ((response_ids == eos_token_id) & response_mask.bool()).any(dim=1)

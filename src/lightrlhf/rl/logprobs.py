@@ -6,6 +6,13 @@ import torch
 from torch import Tensor
 
 
+def scaled(logits: Tensor, temperature: float) -> Tensor:
+    """logits / temperature in float32. At temperature 1 the logits themselves (x / 1 == x exactly):
+    no [B, T, V] copy, and no division in the backward pass."""
+    z = logits.float()
+    return z if temperature == 1.0 else z / temperature
+
+
 def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
     """log pi(y_t) = z[y_t] - logsumexp(z),  z = logits / temperature.
 
@@ -14,7 +21,7 @@ def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> 
     """
     # detail: upcast first; bf16 keeps 8 bits of mantissa, so logsumexp over a 50k vocabulary in
     # bf16 is off by ~0.1 nats, as large as a PPO step's log-ratio.
-    z = logits.float() / temperature
+    z = scaled(logits, temperature)
     # detail: gather then subtract logsumexp; no [B, T, V] log_softmax tensor is kept for backward.
     gathered = z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return gathered - torch.logsumexp(z, dim=-1)
@@ -26,7 +33,7 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
     This equals -sum_v p_v log p_v, written without taking the log of a probability that may
     underflow to 0.
     """
-    z = logits.float() / temperature
+    z = scaled(logits, temperature)
     probs = torch.softmax(z, dim=-1)
     log_partition = torch.logsumexp(z, dim=-1)
     # detail: a token with probability 0 (logit -inf, e.g. a filtered vocabulary entry) contributes

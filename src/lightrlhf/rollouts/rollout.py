@@ -4,7 +4,8 @@
 
 PPO uses k = 1 and a critic; GRPO and RLOO use k > 1 and compare the k responses of a prompt with
 each other (`Rollout.group_index`); best-of-n and RAFT keep the best of each group. Everything here
-runs without gradient and with dropout off (the policy in its rollout state):
+runs with dropout off (the policy in its rollout state) and without gradient, except the policy's
+forward of `roll_out(differentiable=True)`, which an update of one pass reuses:
 
 - `logprobs`, `ref_logprobs`: log pi(y_t) of the sampled tokens under the policy and the reference,
   at the sampling temperature, so that on the first update the importance ratio is exactly 1 and
@@ -43,9 +44,9 @@ class PolicyRoles(Protocol):
 
     def reference_context(self) -> contextlib.AbstractContextManager: ...
 
-    def policy_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor: ...
+    def policy_logits(self, input_ids: Tensor, attention_mask: Tensor, last: int = 0) -> Tensor: ...
 
-    def reference_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor: ...
+    def reference_logits(self, input_ids: Tensor, attention_mask: Tensor, last: int = 0) -> Tensor: ...
 
     def values(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor: ...
 
@@ -87,6 +88,8 @@ class Rollout(Responses):
     ref_logprobs: Tensor  # [N, R] log pi_ref(y_t)
     entropy: Tensor  # [N, R] H(pi(.|y_<t))
     values: Tensor | None = None  # [N, R] V(y_<=t), only with a critic
+    # [N, R] `logprobs` still attached to the graph of their forward, only with `roll_out(differentiable=True)`
+    logprobs_graph: Tensor | None = None
 
 
 def repeat_each(items: Sequence, times: int) -> list:
@@ -121,23 +124,43 @@ def chunks(rows: int, size: int | None) -> list[slice]:
 
 @torch.no_grad()
 def token_statistics(roles: PolicyRoles, responses: Responses, temperature: float, forward_batch_size: int | None,
-                     with_values: bool) -> dict[str, Tensor]:
-    """Policy and reference log-probs, policy entropy (and values) over the response positions."""
+                     with_values: bool, with_policy: bool = True) -> dict[str, Tensor]:
+    """Policy and reference log-probs, policy entropy (and values) over the response positions;
+    `with_policy=False` leaves out the policy's (see `policy_statistics`)."""
     seq, attn, width = responses.sequences, responses.attention_mask, responses.prompt_width
+    keep = response_logit_positions(responses)
     out: dict[str, list[Tensor]] = {"logprobs": [], "ref_logprobs": [], "entropy": [], "values": []}
     for rows in chunks(seq.shape[0], forward_batch_size):
         tokens = responses.responses[rows]
-        # the distribution that produced response token t sits at position width - 1 + t
-        logits = roles.policy_logits(seq[rows], attn[rows])[:, width - 1:-1]
-        out["logprobs"].append(token_logprobs(logits, tokens, temperature))
-        out["entropy"].append(entropy_from_logits(logits, temperature))
-        del logits
-        ref = roles.reference_logits(seq[rows], attn[rows])[:, width - 1:-1]
+        if with_policy:
+            logits = roles.policy_logits(seq[rows], attn[rows], last=keep)[:, :-1]
+            out["logprobs"].append(token_logprobs(logits, tokens, temperature))
+            out["entropy"].append(entropy_from_logits(logits, temperature))
+            del logits
+        ref = roles.reference_logits(seq[rows], attn[rows], last=keep)[:, :-1]
         out["ref_logprobs"].append(token_logprobs(ref, tokens, temperature))
         del ref
         if with_values:
             out["values"].append(roles.values(seq[rows], attn[rows])[:, width - 1:-1])
     return {k: torch.cat(v) for k, v in out.items() if v}
+
+
+def policy_statistics(roles: PolicyRoles, responses: Responses, temperature: float) -> dict[str, Tensor]:
+    """The policy's log-probs and entropy over the response positions in one forward *with* gradient:
+    `logprobs_graph` keeps the graph for an update to backpropagate, `logprobs` is its detached value."""
+    logits = roles.policy_logits(responses.sequences, responses.attention_mask,
+                                 last=response_logit_positions(responses))[:, :-1]
+    logprobs = token_logprobs(logits, responses.responses, temperature)
+    with torch.no_grad():
+        entropy = entropy_from_logits(logits.detach(), temperature)
+    return {"logprobs": logprobs.detach(), "entropy": entropy, "logprobs_graph": logprobs}
+
+
+def response_logit_positions(responses: Responses) -> int:
+    """How many trailing positions' logits score the responses: the distribution that produced response
+    token t sits at position prompt_width - 1 + t, so the last R + 1 (the final one predicts nothing;
+    callers drop it with [:, :-1]). The LM head need not run on the prompt's other positions."""
+    return responses.responses.shape[1] + 1
 
 
 def scoring_temperature(spec: GenerationSpec) -> float:
@@ -148,10 +171,17 @@ def scoring_temperature(spec: GenerationSpec) -> float:
 def roll_out(roles: PolicyRoles, prompt_ids: Sequence[Sequence[int]], prompts: Sequence[str], raw_prompts: Sequence,
              spec: GenerationSpec, generator: torch.Generator, *, group_size: int = 1,
              forward_batch_size: int | None = None, with_values: bool = False,
-             explore_epsilon: float = 0.0) -> Rollout:
-    """Sample `group_size` responses per prompt and measure them (see module docstring)."""
+             explore_epsilon: float = 0.0, differentiable: bool = False) -> Rollout:
+    """Sample `group_size` responses per prompt and measure them (see module docstring).
+
+    `differentiable`: the policy's forward runs with gradient, all rows at once, and the rollout keeps
+    its graph (`logprobs_graph`). For an update that is one pass of one minibatch over the rollout
+    with the weights it was sampled with, that forward *is* the update's, so it runs once, not twice."""
     responses = sample_responses(roles, prompt_ids, prompts, raw_prompts, spec, generator, group_size=group_size,
                                  explore_epsilon=explore_epsilon)
-    stats = token_statistics(roles, responses, scoring_temperature(spec), forward_batch_size,
-                             with_values and roles.has_critic)
+    temperature = scoring_temperature(spec)
+    stats = token_statistics(roles, responses, temperature, forward_batch_size, with_values and roles.has_critic,
+                             with_policy=not differentiable)
+    if differentiable:
+        stats.update(policy_statistics(roles, responses, temperature))
     return Rollout(**vars(responses), **stats)

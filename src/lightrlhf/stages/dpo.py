@@ -2,8 +2,9 @@
 
 One `training_step` on a batch of B pairs, in the order of the algorithm (the math is rl/dpo.py):
 
-    step 1. policy     log pi(y|x) summed over each response's tokens (and its EOS), chosen and
-                       rejected as one forward of 2B rows
+    step 1. policy     log pi(y|x) summed over each response's tokens (and its EOS): the prompt once,
+                       chosen and rejected against its KV cache (models/shared_prompt.py), or, when
+                       a pair's prompts differ, chosen and rejected as one forward of 2B rows
     step 2. reference  the same under the reference: the same base with the policy adapter off (no
                        second model), under no_grad -- or read from a cache computed once before
                        training (`reference.precompute=true`)
@@ -52,6 +53,7 @@ from lightrlhf.data.source import DataSource
 from lightrlhf.data.tokenize import TruncationReport, encode_prompt, fit_prompt, prompt_text
 from lightrlhf.models.actor_critic import POLICY, ActorCritic
 from lightrlhf.models.export import export_policy_adapter
+from lightrlhf.models.shared_prompt import checkpointing, response_logprobs, split_prompts
 from lightrlhf.rl.dpo import DPOLossType, check_dpo_settings, dpo_loss, dpo_metrics
 from lightrlhf.rl.logprobs import sequence_logprobs
 from lightrlhf.rollouts.evaluation import PolicyEvaluation
@@ -121,12 +123,23 @@ class DPOStage(StageModule):
 
     # -- log-probs -----------------------------------------------------------------------------
     def pair_logps(self, batch: dict[str, Tensor], reference: bool = False) -> PairLogps:
-        """Chosen and rejected through one forward of 2B rows (the policy, or the reference)."""
+        """Chosen and rejected under the policy (or the reference): the prompt once and both responses
+        against its cache, or one forward of 2B rows."""
+        shared = None if checkpointing(self.model.module) else split_prompts(
+            [(batch[f"{k}_ids"], batch[f"{k}_mask"], batch[f"{k}_length"]) for k in ("chosen", "rejected")],
+            self.model.tokenizer.pad_token_id)
+        if shared is not None:
+            with (self.model.reference_context if reference else self.model.policy_context)():
+                total, tokens = response_logprobs(self.model.module, shared)
+            return PairLogps(total[0::2], total[1::2], tokens[0::2], tokens[1::2])
         ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])
         mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"]])
         scored = response_mask(mask, torch.cat([batch["chosen_length"], batch["rejected_length"]]))
-        logits = (self.model.reference_logits if reference else self.model.policy_logits)(ids, mask)
-        total, tokens = sequence_logprobs(logits, ids, scored)
+        # detail: the LM head runs only from the position before the first scored token on (the prompts'
+        # logits are never read), which halves its work when prompt and response are equally long.
+        last = ids.shape[1] - int(scored.any(0).int().argmax()) + 1
+        logits = (self.model.reference_logits if reference else self.model.policy_logits)(ids, mask, last=last)
+        total, tokens = sequence_logprobs(logits, ids[:, -last:], scored[:, -last:])
         chosen, rejected = total.chunk(2)
         chosen_tokens, rejected_tokens = tokens.chunk(2)
         return PairLogps(chosen, rejected, chosen_tokens, rejected_tokens)

@@ -49,7 +49,7 @@ from lightrlhf.rl.group import (
     sequence_kl,
 )
 from lightrlhf.rl.ppo import AGGREGATIONS, Aggregation
-from lightrlhf.rollouts.rollout import Rollout, roll_out, scoring_temperature
+from lightrlhf.rollouts.rollout import Rollout, response_logit_positions, roll_out, scoring_temperature
 from lightrlhf.rollouts.specs import EvalSpec, GenerationSpec
 from lightrlhf.stages.online import OnlineStage, merge_micro_batches
 from lightrlhf.training.alerts import AlertSpec
@@ -162,13 +162,19 @@ class GRPOStage(OnlineStage):
             check_group_minibatches(datamodule.batch_size, group)
         self.rollouts, self.samples_every = rollouts, samples_every
         self.rollout_group_size = group.group_size
+        # detail: one pass of one minibatch, all rows in one backward (trl's default num_iterations=1):
+        # the update's forward is the rollout's policy forward (same weights, same rows, dropout off),
+        # so the rollout runs it with gradient and the update backpropagates it instead of a second one.
+        self.reuse_rollout_forward = (group.num_iterations == 1 and group.num_minibatches == 1
+                                      and group.micro_batch_size is None and group.forward_batch_size is None)
 
     # -- steps 1 to 4: roll out, score, rewards, group advantages ----------------------------------
     def rollout(self, prompt_ids: list[list[int]], prompts: list[str], raw_prompts: list | None = None) -> GroupBatch:
         spec, k = self.group, self.group.group_size
         # step 1. roll out: k responses per prompt, rows p*k .. p*k + k-1
         roll = roll_out(self.model, prompt_ids, prompts, raw_prompts or prompts, self.generation, self.sampler,
-                        group_size=k, forward_batch_size=spec.forward_batch_size)
+                        group_size=k, forward_batch_size=spec.forward_batch_size,
+                        differentiable=self.reuse_rollout_forward)
         # step 2. score: the composite score in raw units, then shaped
         scores, components = self.scorer.score(roll)
         self.scorer.observe(scores)
@@ -221,9 +227,12 @@ class GRPOStage(OnlineStage):
     def _loss(self, batch: GroupBatch, idx: Tensor, normalizer: Tensor) -> dict[str, float]:
         """Backpropagate one micro-batch's share of the minibatch loss; its statistics with token weights."""
         roll = batch.rollout
-        width = roll.prompt_width
-        logits = self.model.policy_logits(roll.sequences[idx], roll.attention_mask[idx])[:, width - 1:-1]
-        logp = token_logprobs(logits, roll.responses[idx], scoring_temperature(self.generation))
+        if roll.logprobs_graph is not None:  # the rollout's forward is this one (reuse_rollout_forward)
+            logp = roll.logprobs_graph[idx]
+        else:
+            last = response_logit_positions(roll)
+            logits = self.model.policy_logits(roll.sequences[idx], roll.attention_mask[idx], last=last)[:, :-1]
+            logp = token_logprobs(logits, roll.responses[idx], scoring_temperature(self.generation))
         kl_coef = self.kl_spec.coef if self.kl_spec.kl_in == "loss" else 0.0
         out = group_policy_objective(logp, roll.logprobs[idx], roll.ref_logprobs[idx], batch.advantages[idx],
                                      roll.mask[idx], clip_range=self.group.clip_range, kl_coef=kl_coef,

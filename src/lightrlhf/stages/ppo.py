@@ -47,7 +47,7 @@ from lightrlhf.rl import (
     value_objective,
 )
 from lightrlhf.rl.kl_control import KLSpec
-from lightrlhf.rollouts.rollout import Rollout, roll_out, scoring_temperature
+from lightrlhf.rollouts.rollout import Rollout, response_logit_positions, roll_out, scoring_temperature
 from lightrlhf.rollouts.specs import EvalSpec, GenerationSpec
 from lightrlhf.stages.online import OnlineStage, merge_micro_batches
 from lightrlhf.training.alerts import AlertSpec
@@ -230,9 +230,9 @@ class PPOStage(OnlineStage):
     def _loss(self, batch: PPOBatch, idx: Tensor, normalizer: Tensor) -> dict[str, float]:
         """Backpropagate one micro-batch's share of the minibatch loss; its statistics with token weights."""
         roll, spec = batch.rollout, self.ppo
-        width, temperature = roll.prompt_width, scoring_temperature(self.generation)
+        temperature = scoring_temperature(self.generation)
         seq, attn, mask = roll.sequences[idx], roll.attention_mask[idx], roll.mask[idx]
-        logits = self.model.policy_logits(seq, attn)[:, width - 1:-1]
+        logits = self.model.policy_logits(seq, attn, last=response_logit_positions(roll))[:, :-1]
         policy = policy_objective(token_logprobs(logits, roll.responses[idx], temperature),
                                   entropy_from_logits(logits, temperature), roll.logprobs[idx], batch.advantages[idx],
                                   mask, clip_range=spec.clip_range, entropy_coef=spec.entropy_coef,
@@ -240,7 +240,7 @@ class PPOStage(OnlineStage):
         # detail: the policy loss is backpropagated before the value pass switches the active adapter,
         # so gradient-checkpoint recomputation runs each role with its own adapter.
         self.manual_backward(policy.objective)
-        values = self.model.values(seq, attn)[:, width - 1:-1]
+        values = self.model.values(seq, attn)[:, roll.prompt_width - 1:-1]
         value = value_objective(values, roll.values[idx], batch.returns[idx], mask, clip_range=spec.value_clip_range,
                                 vf_coef=spec.vf_coef, aggregation=spec.loss_aggregation, normalizer=normalizer)
         self.manual_backward(value.objective)

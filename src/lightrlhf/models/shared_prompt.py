@@ -1,0 +1,98 @@
+"""Log-probs of several responses to one prompt, with the prompt run through the model once.
+
+DPO scores a chosen and a rejected response to the same prompt. As two rows of one batch, the
+prompt's tokens go through the model twice, though a causal model computes exactly the same for
+them in both rows. Here each prompt runs once, filling a KV cache; the cache is repeated for the
+prompt's k responses, which then run against it (as sampling feeds a chunk of tokens):
+
+    prompts  [B, P] left-padded          -> cache, logits of the last prompt position
+    responses [B * k, R] right-padded    -> against the repeated cache, rows i*k .. i*k + k-1 answer prompt i
+
+log pi(y_t) is the same function of the weights as in one [B * k, P + R] forward, gradients
+included (they reach the prompt's positions through the repeated cache); only the rounding of
+the kernels differs. With P = R and k = 2 the model runs on 3/4 of the token positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightrlhf.models.generation import cache_argument, left_pad, positions_from_mask
+from lightrlhf.rl.logprobs import token_logprobs
+
+
+@dataclass
+class PromptResponses:
+    prompt_ids: Tensor  # [B, P] left-padded
+    prompt_mask: Tensor  # [B, P]
+    response_ids: Tensor  # [B * k, R] right-padded; rows i*k .. i*k + k-1 answer prompt i
+    response_mask: Tensor  # [B * k, R]
+    group_size: int  # k
+
+
+def split_prompts(rows: list[tuple[Tensor, Tensor, Tensor]], pad_id: int) -> PromptResponses | None:
+    """From k right-padded batches of prompt + response (ids [B, T], attention mask [B, T], response
+    length [B] each, all answering the same B prompts) the prompts once and the responses grouped by
+    prompt; None when some prompt differs between the k batches (then there is nothing to share)."""
+    k = len(rows)
+    prompts, responses = [], []
+    lists = [(ids.tolist(), mask.sum(1).tolist(), length.tolist()) for ids, mask, length in rows]
+    for i in range(rows[0][0].shape[0]):
+        prompt = None
+        for ids, real, length in lists:
+            row, end = ids[i], real[i]
+            start = end - length[i]
+            if prompt is None:
+                prompt = row[:start]
+            elif row[:start] != prompt:
+                return None
+            responses.append(row[start:end])
+        prompts.append(prompt)
+    if min(len(r) for r in responses) == 0 or min(len(p) for p in prompts) == 0:
+        return None
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    width = max(len(r) for r in responses)
+    response_ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((len(responses), width), dtype=torch.long)
+    for j, response in enumerate(responses):
+        response_ids[j, :len(response)] = torch.as_tensor(response, dtype=torch.long)
+        response_mask[j, :len(response)] = 1
+    device = rows[0][0].device
+    return PromptResponses(prompt_ids.to(device), prompt_mask.to(device), response_ids.to(device),
+                           response_mask.to(device), k)
+
+
+def response_logprobs(model, batch: PromptResponses) -> tuple[Tensor, Tensor]:
+    """(sum_t log pi(y_t), length) per response row [B * k] of a causal LM (the active adapter's
+    role: call it inside the role's context). See the module docstring."""
+    from transformers import DynamicCache
+
+    k, cache = batch.group_size, DynamicCache()
+    cached = {cache_argument(model): cache}
+    prompt = model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
+                   position_ids=positions_from_mask(batch.prompt_mask), use_cache=True, logits_to_keep=1,
+                   **cached).logits
+    # the last prompt position predicts every response's first token
+    first = token_logprobs(prompt.repeat_interleave(k, dim=0), batch.response_ids[:, :1])
+    per_token = [first]
+    if batch.response_ids.shape[1] > 1:
+        cache.batch_repeat_interleave(k)
+        # the last response token predicts nothing: it is not fed
+        inputs, mask = batch.response_ids[:, :-1], batch.response_mask[:, :-1]
+        full_mask = torch.cat([batch.prompt_mask.repeat_interleave(k, dim=0), mask], dim=1)
+        positions = positions_from_mask(full_mask)[:, batch.prompt_ids.shape[1]:]
+        logits = model(input_ids=inputs, attention_mask=full_mask, position_ids=positions, use_cache=True,
+                       **cached).logits
+        per_token.append(token_logprobs(logits, batch.response_ids[:, 1:]))
+    scored = batch.response_mask.bool()
+    # detail: select with `where`, not multiply: a padded position's log-prob may be -inf.
+    total = torch.where(scored, torch.cat(per_token, dim=1), 0.0).sum(1)
+    return total, scored.sum(1).float()
+
+
+def checkpointing(model) -> bool:
+    """Whether activation checkpointing is on anywhere in `model` (it drops the KV cache in training)."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
