@@ -49,6 +49,17 @@ def shared(tmp_path_factory, name: str, make) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def default_sigint():
+    """Each test starts with Python's own Ctrl-C handler. Lightning sets SIGINT to SIG_IGN when a fit
+    run in this process ends on KeyboardInterrupt, and a process started afterwards inherits SIG_IGN:
+    a later test of Ctrl-C in a subprocess would then depend on which tests this worker ran before."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+
+
 @pytest.fixture(scope="session", autouse=True)
 def demo_cache(tmp_path_factory) -> Path:
     # the files are named by a hash of what shaped them and written atomically: the workers can share them

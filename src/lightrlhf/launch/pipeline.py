@@ -36,6 +36,7 @@ from lightrlhf.callbacks.checkpoint import RunInterrupted
 from lightrlhf.errors import ConfigError
 from lightrlhf.io import atomic_write_text
 from lightrlhf.launch.parallel import StepProcesses, entry_script, forwarding_signals
+from lightrlhf.launch.ranking import FROM_SFT, write_ranking
 from lightrlhf.launch.record import RUN_RECORD, compose_config, override_key, unclaim, write_record
 from lightrlhf.launch.report import METRICS_FILE
 
@@ -151,8 +152,6 @@ def _run_steps(spec: PipelineSpec, cfg: DictConfig, run_dir: Path, task_override
     for line in summary_table(summary):
         log.info(line)
     if any(step.seed is not None for step in spec.steps):
-        from lightrlhf.launch.ranking import write_ranking
-
         for line in write_ranking(run_dir, spec.steps, results):
             log.info(line)
     log.info("outputs: %s (one directory per step; summary.json); tensorboard --logdir %s", run_dir, run_dir)
@@ -220,8 +219,6 @@ HEADLINES = {
     "rloo": ("eval/reward", "eval/kl", "eval/win_rate_vs_sft", "eval/length_mean"),
     "dpo": ("val/loss", "val/rewards/accuracies", "eval/kl", "eval/win_rate_vs_sft", "eval/length_mean"),
 }
-# the stages that measure their start (the SFT policy) and end on the same held-out prompts and seed
-FROM_SFT = ("ppo", "grpo", "rloo", "dpo")
 
 
 def summarise(results: dict[str, dict[str, Any]], seeded: set[str] = frozenset()) -> dict[str, Any]:

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from lightrlhf.io import atomic_write_bytes, atomic_write_text
-from lightrlhf.launch.pipeline import FROM_SFT
 
 RANKING_TABLE, RANKING_POINTS, RANKING_PLOT = "ranking.md", "ranking.json", "ranking.png"
+# the stages that measure their start (the SFT policy) and their end on the same held-out prompts and seed
+FROM_SFT = ("ppo", "grpo", "rloo", "dpo")
 
 
 @dataclass(frozen=True)
