@@ -53,7 +53,7 @@ from lightrlhf.rollouts.rollout import Rollout, response_logit_positions, roll_o
 from lightrlhf.rollouts.specs import EvalSpec, GenerationSpec
 from lightrlhf.stages.online import OnlineStage, merge_micro_batches
 from lightrlhf.training.alerts import AlertSpec
-from lightrlhf.training.numerics import NumericsSpec, gradient_norm
+from lightrlhf.training.numerics import NumericsSpec
 from lightrlhf.training.optim import OptimizerSpec, SchedulerSpec
 from lightrlhf.validation import non_negative, one_of, positive, require
 
@@ -205,20 +205,8 @@ class GRPOStage(OnlineStage):
                 optimizer.zero_grad()
                 parts = [self._loss(batch, chosen[i:i + micro], normalizer) for i in range(0, len(chosen), micro)]
                 merged = merge_micro_batches(parts, additive=("policy/loss", "policy/kl_loss"))
-                grad_norm = gradient_norm(params)
-                if not self.guard.check(self.global_step, loss=torch.tensor([merged["policy/loss"]]),
-                                        gradient_norm=grad_norm):
-                    optimizer.zero_grad()  # skip this minibatch's step; the weights stay finite
-                    continue
-                merged["policy/grad_norm"] = grad_norm.item()
-                for key, value in merged.items():
-                    stats.setdefault(key, []).append(value)
-                if self.max_grad_norm is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-                optimizer.step()  # exactly one optimizer step per minibatch
-                if scheduler is not None:
-                    scheduler.step()
-                steps += 1
+                losses = torch.tensor([merged["policy/loss"]])
+                steps += self.minibatch_step(optimizer, scheduler, params, losses, merged, stats)
         out = {key: sum(v) / len(v) for key, v in stats.items()}
         out["policy/optimizer_steps"] = float(steps)
         out["numerics/skipped_batches"] = float(self.guard.skipped_total)

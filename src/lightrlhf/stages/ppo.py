@@ -51,7 +51,7 @@ from lightrlhf.rollouts.rollout import Rollout, response_logit_positions, roll_o
 from lightrlhf.rollouts.specs import EvalSpec, GenerationSpec
 from lightrlhf.stages.online import OnlineStage, merge_micro_batches
 from lightrlhf.training.alerts import AlertSpec
-from lightrlhf.training.numerics import NumericsSpec, gradient_norm
+from lightrlhf.training.numerics import NumericsSpec
 from lightrlhf.training.optim import OptimizerSpec, SchedulerSpec
 from lightrlhf.validation import in_range, non_negative, one_of, positive, require
 
@@ -205,20 +205,8 @@ class PPOStage(OnlineStage):
                     optimizer.zero_grad()
                     stop = True
                     break
-                grad_norm = gradient_norm(params)
                 losses = torch.tensor([merged["policy/loss"], merged["val/loss"]])
-                if not self.guard.check(self.global_step, loss=losses, gradient_norm=grad_norm):
-                    optimizer.zero_grad()  # skip this minibatch's step; the weights stay finite
-                    continue
-                merged["policy/grad_norm"] = grad_norm.item()
-                for k, v in merged.items():
-                    stats.setdefault(k, []).append(v)
-                if self.max_grad_norm is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-                optimizer.step()  # exactly one optimizer step per minibatch
-                if scheduler is not None:
-                    scheduler.step()
-                steps += 1
+                steps += self.minibatch_step(optimizer, scheduler, params, losses, merged, stats)
             if stop:
                 break
         out = {k: sum(v) / len(v) for k, v in stats.items()}
