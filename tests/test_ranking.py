@@ -231,3 +231,16 @@ def test_a_failing_parallel_step_is_one_line_with_its_exit_status(tmp_path):
     assert match, last
     assert match[3] == str(run_dir / match[1] / "console.log")
     assert json.loads((run_dir / "base" / "metrics.json").read_text())["status"] == "completed"
+
+
+def test_parallel_steps_outside_train_py_are_one_line_asking_for_parallel_1():
+    """Side-by-side steps are `python train.py` processes: a pipeline run in-process (no Hydra main)
+    cannot start them, and says so in one line naming the setting."""
+    from lightrlhf.errors import UserError
+    from lightrlhf.launch.parallel import entry_script
+
+    with pytest.raises(UserError) as error:
+        entry_script()
+    message = str(error.value)
+    assert "\n" not in message and message.endswith("set pipeline.parallel=1")
+    assert message.startswith("pipeline.parallel > 1 runs each step as `python train.py ...`")
