@@ -103,9 +103,9 @@ def sample_responses(roles: PolicyRoles, prompt_ids: Sequence[Sequence[int]], pr
                      reference: bool = False, explore_epsilon: float = 0.0) -> Responses:
     """Sample `group_size` responses per prompt from the policy (or the reference) and decode them."""
     tok = roles.tokenizer
-    ids, mask = left_pad(repeat_each(prompt_ids, group_size), tok.pad_token_id)
+    ids, mask = left_pad(prompt_ids, tok.pad_token_id)
     explore = explore_epsilon > 0 and not reference
-    gen = sample(roles.module, ids, mask, max_new_tokens=spec.max_new_tokens, eos_token_id=tok.eos_token_id,
+    gen = sample(roles.module, ids, mask, repeats=group_size, max_new_tokens=spec.max_new_tokens, eos_token_id=tok.eos_token_id,
                  pad_token_id=tok.pad_token_id, temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p,
                  generator=generator, stop_at_eos=not spec.ignore_eos,
                  model_context=roles.reference_context if reference else roles.policy_context,
