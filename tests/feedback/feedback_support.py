@@ -25,6 +25,11 @@ DEMO_PAIRS = [
 ]
 
 
+# a 1x1 PNG, for the media of a pair
+PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+                    "1f15c4890000000d49444154789c6360f8cf00000301010018dd8db00000000049454e44ae426082")
+
+
 def write_candidates(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
@@ -45,6 +50,29 @@ def free_port() -> int:
 def feedback_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lightrlhf.feedback", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def chromium_paths() -> tuple[str, str] | None:
+    """(browser, driver) when a Chromium and its chromedriver are installed."""
+    import shutil
+
+    browser = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+def headless_chromium(browser: str, driver: str, width: int = 1280, height: int = 900):
+    """A headless Chromium driven by Selenium, offline: the driver binary is given, so Selenium Manager
+    never tries to download one."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 f"--window-size={width},{height}", "--lang=en-US"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=Service(driver))
 
 
 class ServerProcess:

@@ -7,15 +7,12 @@ import urllib.error
 import urllib.request
 
 import pytest
-from feedback_support import demo_candidates, write_candidates
+from feedback_support import PNG, demo_candidates, write_candidates
 
 from lightrlhf.errors import DataError, UserError
 from lightrlhf.feedback.client import FeedbackClient, FeedbackError
 from lightrlhf.feedback.labels import read_labels
 from lightrlhf.feedback.server import MAX_BODY_BYTES, TOKEN_COOKIE, bind, check_binding, serve_in_thread
-
-PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
-                    "1f15c4890000000d49444154789c6360f8cf00000301010018dd8db00000000049454e44ae426082")
 
 
 def raw(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None):
