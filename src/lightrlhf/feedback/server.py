@@ -260,7 +260,9 @@ def serve(candidates_path: str | Path, labels_path: str | Path, host: str = "127
         labelled = len(served.store.labels())
         announce(f"{len(served.candidates)} pairs from {candidates_path}; labels go to {labels_path} "
                  f"({labelled} there already)")
-        page = served.url + "/" + (f"?token={token}" if token else "")
+        # every address of this machine: name one that a browser elsewhere can reach
+        shown = socket.gethostname() if host in ("0.0.0.0", "::") else host
+        page = base_url(shown, served.port) + "/" + (f"?token={token}" if token else "")
         announce(f"open {page}   (Ctrl-C stops; each label is on disk before the page shows the next pair)")
         _server(served.app).run(sockets=[served.socket])
     finally:
