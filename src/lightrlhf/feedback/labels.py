@@ -218,8 +218,12 @@ class LabelStore:
                 self._fd = os.open(self.path, flags, 0o644)
         except OSError as error:
             raise UserError(f"{self.path}: cannot write the labels there ({error.strerror or error})") from None
-        with self._locked():
-            pass  # reads what is there and moves a torn last line aside
+        try:
+            with self._locked():
+                pass  # reads what is there and moves a torn last line aside
+        except BaseException:
+            os.close(self._fd)
+            raise
 
     @property
     def notes(self) -> list[str]:
