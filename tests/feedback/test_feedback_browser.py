@@ -7,6 +7,8 @@ skipped with the command that installs them.
 
 from __future__ import annotations
 
+import os
+
 import json
 
 import pytest
@@ -40,6 +42,9 @@ def browser():
     except ImportError:
         paths = None
     if paths is None:
+        # CI (.ci/run) installs the browser and sets this: there a missing browser is a failure, not a skip
+        if os.environ.get("LIGHTRLHF_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"LIGHTRLHF_REQUIRE_BROWSER=1 but no browser was found: {INSTALL}")
         pytest.skip(INSTALL)
     driver = headless_chromium(*paths)
     yield driver
