@@ -7,9 +7,8 @@ skipped with the command that installs them.
 
 from __future__ import annotations
 
-import os
-
 import json
+import os
 
 import pytest
 from conftest import train_cli
