@@ -53,8 +53,20 @@ def sample_tokens(
     if temperature == 0:
         return logits.argmax(dim=-1)
     filtered = filter_logits(logits.float() / temperature, top_k, top_p)
-    probs = torch.softmax(filtered, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return draw_from(torch.softmax(filtered, dim=-1), generator)
+
+
+def draw_from(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One index per row of probabilities [B, V] by inverting the cumulative distribution: the first
+    index whose cumulative probability exceeds u * total, u ~ U[0, 1). One uniform number per row,
+    where `torch.multinomial` draws V (an exponential per entry): at V = 2,000 that was about 1 ms of
+    a 6 ms decode step on CPU. The sum runs in float64, so a token's share of [0, total) is its
+    probability to ~1e-16 even over a 150k vocabulary; a zero-probability token adds an empty
+    interval and is never drawn."""
+    cumulative = probs.double().cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64) * cumulative[:, -1:]
+    index = torch.searchsorted(cumulative, u, right=True).squeeze(-1)
+    return index.clamp(max=probs.shape[-1] - 1)
 
 
 def check_sampleable(logits: Tensor) -> None:
