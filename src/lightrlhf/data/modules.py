@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -21,6 +22,7 @@ from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightrlhf.data.formats import LoadReport, load_preferences, load_prompts, load_sft
+from lightrlhf.data.profile import DataProfile, summary_scalars
 from lightrlhf.data.source import DataSource
 from lightrlhf.data.tokenize import (
     PairFeatures,
@@ -31,6 +33,8 @@ from lightrlhf.data.tokenize import (
     encode_sft,
     fit_prompt,
     prompt_text,
+    token_counter,
+    token_ids,
 )
 from lightrlhf.errors import UserError
 from lightrlhf.validation import non_negative, positive
@@ -143,10 +147,14 @@ class _SourceDataModule(L.LightningDataModule):
 
     def _read(self, loader: Callable[..., tuple[list, LoadReport]]) -> tuple[list, list]:
         src = self.source
-        train, report = loader(src.path, split=src.split, **src.options())
+        count_tokens = token_counter(self.tokenizer)
+        # measure_all: the summary shows what the switched-off cleaning steps would drop, as the report does
+        train, report = loader(src.path, split=src.split, count_tokens=count_tokens, measure_all=True, **src.options())
         self._note("train", report)
+        self._profile(train, report)
         if src.validation_path is not None:
-            val, val_report = loader(src.validation_path, split=src.validation_split, **src.options())
+            val, val_report = loader(src.validation_path, split=src.validation_split, count_tokens=count_tokens,
+                                     **src.options())
             self._note("validation", val_report)
         else:
             train, val = src.hold_out(train)
@@ -160,6 +168,17 @@ class _SourceDataModule(L.LightningDataModule):
         self.summary.update({f"{split}/format": report.format, f"{split}/rows": report.rows,
                              f"{split}/kept": report.kept})
         self.summary.update({f"{split}/dropped_{k}": v for k, v in report.dropped.items()})
+        self.summary.update({f"{split}/cleaned_{k}": v for k, v in report.cleaned.items()})
+        self.summary.update({f"{split}/flagged_{k}": v for k, v in report.flagged.items()})
+
+    def _profile(self, train: list, report: LoadReport) -> None:
+        """The data report's headline figures of the training split (`lightrlhf.data.profile`), in the summary."""
+        profile = DataProfile(self.kind, partial(token_ids, self.tokenizer))
+        profile.add_all(train)
+        result = profile.result(report)
+        self.summary.update(summary_scalars(result, "train"))
+        for warning in result["warnings"]:
+            log.warning("train data %s: %s", report.source, warning)
 
     def _tokenized(self, split: str, items: list, encode: Callable[[Any, TruncationReport], Any]) -> ListDataset:
         report = TruncationReport()

@@ -29,6 +29,21 @@ def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
     return list(ids)
 
 
+def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """The ids of each text alone (no special tokens), a batch at once: for counting and statistics."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # detail: the Rust tokenizer directly; the Python wrapper costs ~60 us a text
+        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def token_counter(tokenizer):
+    """A batch of texts -> their lengths in tokens (for data.clean's token limits)."""
+    return lambda texts: [len(ids) for ids in token_ids(tokenizer, texts)]
+
+
 def encode_response(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
 
