@@ -2,14 +2,16 @@
 
 `CleaningSpec` is the `data.clean` node (conf/data/clean/default.yaml). In stream order:
 
-  unicode         NFKC (or NFC) normalisation: full-width forms, ligatures and compatibility
-                  characters become their plain equivalents, so equal text compares equal
+  unicode         NFKC (or NFC) normalisation: full-width letters and digits, ligatures and compatibility
+                  characters become their plain equivalents, so equal text compares equal (full-width
+                  punctuation stays: it is how Chinese is written)
   control_chars   control and invisible format characters are removed (NUL, escape codes, zero-width
                   spaces, a BOM inside the text); newline and tab stay
   whitespace      line ends become "\\n", trailing spaces go, runs of blank lines become one, runs of
                   spaces inside a line become one (indentation stays: it is code's syntax), and the
                   text is stripped
-  drop_duplicates an example whose prompt and response(s) equal an earlier one's ("duplicate")
+  drop_duplicates an example whose prompt and response(s) equal an earlier one's ("duplicate"); with
+                  annotator ids, the same annotator's: two annotators' labels of one pair are two labels
   token limits    a prompt longer than max_prompt_tokens ("prompt_too_long"), a response longer than
                   max_response_tokens ("response_too_long") or shorter than min_response_tokens
                   ("response_too_short"), counted in the model's tokens
@@ -49,6 +51,7 @@ CountTokens = Callable[[list[str]], list[int]]
 _CONTROL = re.compile(  # Cc but tab/newline/CR, and the invisible Cf characters that only break matching
     "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u2060\ufeff\ufff9-\ufffb]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_FULLWIDTH_PUNCTUATION = re.compile("([\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65])")
 _INNER_SPACES = re.compile(r"(?<=\S)[ \t\u00a0\u3000]{2,}|(?<=\S)[\t\u00a0\u3000]")
 _TRAILING = re.compile(r"[ \t\u00a0\u3000]+$", re.MULTILINE)
 _BLANK_LINES = re.compile(r"\n{3,}")
@@ -92,7 +95,7 @@ def normalize_text(text: str, spec: CleaningSpec, changed: Counter | None = None
     """`text` after the text steps that `spec` switches on; `changed[step]` += 1 for each that changed it."""
     steps = []
     if spec.unicode:
-        steps.append(("unicode", lambda t: unicodedata.normalize(spec.unicode, t)))
+        steps.append(("unicode", lambda t: _normalize_unicode(t, spec.unicode)))
     if spec.control_chars:
         steps.append(("control_chars", lambda t: _SURROGATE.sub("", _CONTROL.sub("", t))))
     if spec.whitespace:
@@ -103,6 +106,18 @@ def normalize_text(text: str, spec: CleaningSpec, changed: Counter | None = None
             changed[step] += 1
         text = cleaned
     return text
+
+
+def _normalize_unicode(text: str, form: str) -> str:
+    """`form` normalisation, except that full-width punctuation stays (NFKC would turn Chinese "，？！：" into
+    ASCII, and a model trained on that writes Chinese with ASCII punctuation); full-width letters and
+    digits are still folded."""
+    if text.isascii():
+        return text
+    if form != "NFKC" or not _FULLWIDTH_PUNCTUATION.search(text):
+        return unicodedata.normalize(form, text)
+    pieces = _FULLWIDTH_PUNCTUATION.split(text)  # odd pieces are the punctuation itself
+    return "".join(p if i % 2 else unicodedata.normalize(form, p) for i, p in enumerate(pieces))
 
 
 def _normalize_whitespace(text: str) -> str:
@@ -177,7 +192,7 @@ class Cleaner:
         """Raise Drop("duplicate") for an exact repeat of an earlier example's prompt and responses."""
         if not (self.spec.drop_duplicates or self.measure_all):
             return
-        key = digest(prompt_text(example.prompt), *responses(example))
+        key = digest(prompt_text(example.prompt), *responses(example), getattr(example, "annotator", None) or "")
         if key in self.seen:
             if not self.spec.drop_duplicates:
                 flagged["duplicate"] += 1

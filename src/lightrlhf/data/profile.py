@@ -7,6 +7,8 @@ length counts bounded by the longest text. Nothing holds a row's text except the
 prompts (a Misra-Gries summary of `TRACKED` prompts: every prompt repeated more than rows/TRACKED
 times is certain to be in it).
 
+Prompts given as conversations are measured by their messages' contents (no template, no roles).
+
 Sections: rows (read, kept, dropped per reason, changed per cleaning step, flagged by a switched-off
 step); lengths (tokens of prompts and responses; chosen and rejected apart); diversity (distinct-1 and
 distinct-2 of the responses' tokens, Li et al. 2016); duplicates; prompts (coverage); labels
@@ -37,6 +39,10 @@ _SCRIPTS = {  # codepoint ranges
             (0xAC00, 0xD7AF), (0xF900, 0xFAFF), (0x20000, 0x2FFFF)],
     "latin": [(0x41, 0x5A), (0x61, 0x7A), (0xC0, 0xD6), (0xD8, 0xF6), (0xF8, 0x24F), (0x1E00, 0x1EFF)],
 }
+
+
+def _contents(prompt: Any) -> str:
+    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
 
 
 class _Lengths:
@@ -142,9 +148,10 @@ class DataProfile:
             self.add(batch)
 
     def add(self, batch: list[Any]) -> None:
-        prompts = [prompt_text(e.prompt) for e in batch]
+        prompts = [prompt_text(e.prompt) for e in batch]  # roles included: they tell conversations apart
+        contents = [_contents(e.prompt) for e in batch]  # what was written, for lengths and scripts
         answers = [list(column) for column in zip(*(responses(e) for e in batch))]
-        ids = self.tokenize(prompts + [t for column in answers for t in column])
+        ids = self.tokenize(contents + [t for column in answers for t in column])
         n = len(batch)
         self.lengths["prompt"].add(np.fromiter((len(x) for x in ids[:n]), np.int64, n))
         side_lengths = []
@@ -164,7 +171,7 @@ class DataProfile:
         for example in batch:
             if getattr(example, "label", None) is not None:
                 self.labels[example.label] += 1
-        self._scripts([" ".join([p, *(column[i] for column in answers)]) for i, p in enumerate(prompts)])
+        self._scripts([" ".join([p, *(column[i] for column in answers)]) for i, p in enumerate(contents)])
 
     def _ngrams(self, side_ids: list[list[int]]) -> None:
         lengths = np.fromiter((len(x) for x in side_ids), np.int64, len(side_ids))
