@@ -147,9 +147,11 @@ class NearDuplicateIndex:
             local = np.where(first_in_run < np.arange(count), first + first_in_run, -1)
             candidates[:, band] = np.where(seen, owners[position] if len(known) else -1, local)
             fresh = ~seen & run_start[np.argsort(order)]  # a key's first row, not in the index yet
-            merged_at = np.searchsorted(known, key[fresh])
-            self.keys[band] = np.insert(known, merged_at, key[fresh])
-            self.owners[band] = np.insert(owners, merged_at, own[fresh])
+            new = np.argsort(key[fresh])  # detail: np.insert keeps the order only of sorted values
+            new_keys, new_owners = key[fresh][new], own[fresh][new]
+            merged_at = np.searchsorted(known, new_keys)
+            self.keys[band] = np.insert(known, merged_at, new_keys)
+            self.owners[band] = np.insert(owners, merged_at, new_owners)
         found = candidates >= 0
         compared = self.stored[np.where(found, candidates, 0)]  # [count, bands, num_perm]
         score = np.where(found, (compared == low[:, None, :]).mean(axis=-1), -1.0)
