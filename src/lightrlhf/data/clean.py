@@ -32,6 +32,7 @@ would drop in `LoadReport.flagged`, without dropping it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import unicodedata
@@ -91,21 +92,34 @@ class CleaningSpec:
         return any(v is not None for v in (self.max_prompt_tokens, self.max_response_tokens, self.min_response_tokens))
 
 
-def normalize_text(text: str, spec: CleaningSpec, changed: Counter | None = None) -> str:
-    """`text` after the text steps that `spec` switches on; `changed[step]` += 1 for each that changed it."""
-    steps = []
-    if spec.unicode:
-        steps.append(("unicode", lambda t: _normalize_unicode(t, spec.unicode)))
-    if spec.control_chars:
-        steps.append(("control_chars", lambda t: _SURROGATE.sub("", _CONTROL.sub("", t))))
-    if spec.whitespace:
-        steps.append(("whitespace", _normalize_whitespace))
-    for step, apply in steps:
+def normalize_text(text: str, spec: CleaningSpec, changed: Counter | set | None = None) -> str:
+    """`text` after the text steps that `spec` switches on; each step that changed it is added to `changed`."""
+    for step, apply in _text_steps(spec):
         cleaned = apply(text)
-        if cleaned != text and changed is not None:
+        if cleaned != text and isinstance(changed, set):
+            changed.add(step)
+        elif cleaned != text and changed is not None:
             changed[step] += 1
         text = cleaned
     return text
+
+
+@functools.lru_cache(maxsize=16)
+def _text_steps(spec: CleaningSpec) -> tuple[tuple[str, Callable[[str], str]], ...]:
+    steps = []
+    if spec.unicode:
+        steps.append(("unicode", functools.partial(_normalize_unicode, form=spec.unicode)))
+    if spec.control_chars:
+        steps.append(("control_chars", _remove_control))
+    if spec.whitespace:
+        steps.append(("whitespace", _normalize_whitespace))
+    return tuple(steps)
+
+
+def _remove_control(text: str) -> str:
+    if text.isascii() and text.isprintable():
+        return text  # detail: the common case, without a regex
+    return _SURROGATE.sub("", _CONTROL.sub("", text))
 
 
 def _normalize_unicode(text: str, form: str) -> str:
@@ -172,9 +186,9 @@ class Cleaner:
     def normalize(self, example: Any, changed: Counter) -> Any:
         """The example with every text normalised (`changed[step]` counts the rows each step changed)."""
         spec = self.spec
-        if not (spec.unicode or spec.control_chars or spec.whitespace):
+        if not _text_steps(spec):
             return example
-        row_changed: Counter = Counter()
+        row_changed: set[str] = set()
 
         def clean(text: str) -> str:
             return normalize_text(text, spec, row_changed)
@@ -185,7 +199,9 @@ class Cleaner:
         for name in ("completion", "chosen", "rejected"):
             if hasattr(example, name):
                 fields[name] = clean(getattr(example, name))
-        changed.update(row_changed.keys())
+        if not row_changed:
+            return example
+        changed.update(row_changed)
         return replace(example, **fields)
 
     def check_duplicate(self, example: Any, flagged: Counter) -> None:
