@@ -222,3 +222,21 @@ def test_the_command_writes_the_report_and_refuses_bad_input_in_one_line(tmp_pat
     done = run_report(["data=jsonl", f"data.path={broken}"], tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith(f"error: {broken}:2: invalid JSON")
+
+
+def test_every_stage_logs_the_same_figures_in_its_data_summary(tiny_tokenizer):
+    from lightrlhf.data.modules import PreferenceDataModule
+    from lightrlhf.data.profile import summary_scalars
+
+    source = DataSource(path=str(QUALITY / "pref_en.jsonl"), validation_path=str(QUALITY / "pref_en.jsonl"),
+                        max_length=64, max_prompt_length=16)
+    datamodule = PreferenceDataModule(source, tiny_tokenizer, batch_size=2)
+    datamodule.setup("fit")
+    summary = datamodule.summary
+    report = build_report(source, tiny_tokenizer, ReportSpec())
+    assert summary["train/length_bias/length_only_accuracy"] == report["length_bias"]["length_only_accuracy"]
+    assert {k: v for k, v in summary.items() if k.startswith("train/length_bias/")} == {
+        k: v for k, v in summary_scalars(report, "train").items() if k.startswith("train/length_bias/")}
+    assert summary["train/dropped_duplicate"] == 1 and summary["train/flagged_near_duplicate"] == 3
+    assert summary["train/cleaned_unicode"] == 1 and summary["train/duplicates/near_duplicate"] == 3
+    assert summary["train/annotators/agreement"] == pytest.approx(1 / 3)
