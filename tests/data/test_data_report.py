@@ -240,3 +240,20 @@ def test_every_stage_logs_the_same_figures_in_its_data_summary(tiny_tokenizer):
     assert summary["train/dropped_duplicate"] == 1 and summary["train/flagged_near_duplicate"] == 3
     assert summary["train/cleaned_unicode"] == 1 and summary["train/duplicates/near_duplicate"] == 3
     assert summary["train/annotators/agreement"] == pytest.approx(1 / 3)
+
+
+def test_small_batches_tokenized_in_the_background_give_the_same_report():
+    from lightrlhf.data.clean import CleaningSpec
+    from lightrlhf.data.formats import stream_examples
+    from lightrlhf.data.profile import DataProfile
+
+    results = []
+    for batch_size in (3, 4096):
+        examples, load_report = stream_examples("preference", str(QUALITY / "pref_en.jsonl"), clean=CleaningSpec(),
+                                                measure_all=True)
+        tokenizer = WordTokenizer()
+        profile = DataProfile("preference", lambda texts: tokenizer(texts)["input_ids"])
+        profile.add_all(examples, batch_size=batch_size)
+        results.append(profile.result(load_report))
+    small, whole = results
+    assert small == whole and small["length_bias"]["pairs"] == 8

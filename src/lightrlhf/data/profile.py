@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -125,7 +126,7 @@ class DataProfile:
         self.lengths = {name: _Lengths() for name in ["prompt", *sides]}
         self.unigrams, self.bigrams = _Distinct(), _Distinct()
         self.prompt_keys: list[np.ndarray] = []
-        self.response_keys: list[np.ndarray] = []  # (prompt, response) fingerprints, for responses per prompt
+        self.response_keys: list[list[np.ndarray]] = [[] for _ in sides]  # (prompt, response) fingerprints, by side
         self.pair_keys: list[np.ndarray] = []  # unordered (prompt, response, response) fingerprint ...
         self.winner_keys: list[np.ndarray] = []  # ... and the chosen one's
         self.annotator_of: list[np.ndarray] = []
@@ -138,20 +139,39 @@ class DataProfile:
         self.script_rows: Counter = Counter()
 
     def add_all(self, examples: Iterable[Any], batch_size: int = 4096) -> None:
-        batch = []
-        for example in examples:
-            batch.append(example)
-            if len(batch) == batch_size:
+        """Add every example. A batch is tokenized in a second thread while the next one is read and
+        cleaned: Rust tokenizers release the GIL, so reading and tokenizing use two cores."""
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = None  # (batch, its texts, their token ids to come)
+            batch: list[Any] = []
+            for example in examples:
+                batch.append(example)
+                if len(batch) == batch_size:
+                    pending = self._finish(pending)
+                    texts = self._texts(batch)
+                    pending, batch = (batch, texts, pool.submit(self.tokenize, texts[-1])), []
+            self._finish(pending)
+            if batch:
                 self.add(batch)
-                batch = []
-        if batch:
-            self.add(batch)
+
+    def _finish(self, pending: tuple | None) -> None:
+        if pending is not None:
+            batch, texts, ids = pending
+            self._add(batch, texts, ids.result())
 
     def add(self, batch: list[Any]) -> None:
+        texts = self._texts(batch)
+        self._add(batch, texts, self.tokenize(texts[-1]))
+
+    @staticmethod
+    def _texts(batch: list[Any]) -> tuple[list[str], list[str], list[list[str]], list[str]]:
         prompts = [prompt_text(e.prompt) for e in batch]  # roles included: they tell conversations apart
         contents = [_contents(e.prompt) for e in batch]  # what was written, for lengths and scripts
         answers = [list(column) for column in zip(*(responses(e) for e in batch))]
-        ids = self.tokenize(contents + [t for column in answers for t in column])
+        return prompts, contents, answers, contents + [t for column in answers for t in column]
+
+    def _add(self, batch: list[Any], texts: tuple, ids: list[list[int]]) -> None:
+        prompts, contents, answers, _ = texts
         n = len(batch)
         self.lengths["prompt"].add(np.fromiter((len(x) for x in ids[:n]), np.int64, n))
         side_lengths = []
@@ -160,12 +180,12 @@ class DataProfile:
             side_lengths.append(np.fromiter((len(x) for x in side_ids), np.int64, n))
             self.lengths[name].add(side_lengths[-1])
             self._ngrams(side_ids)
-        prompt_keys = np.fromiter((digest(p) for p in prompts), np.uint64, n)
+        prompt_keys = np.fromiter((digest(p) for p in prompts), np.int64, n)
         self.prompt_keys.append(prompt_keys)
         for key, text in zip(prompt_keys.tolist(), prompts):
             self.repeats.add(key, text)
-        for column in answers:
-            self.response_keys.append(np.fromiter((digest(p, r) for p, r in zip(prompts, column)), np.uint64, n))
+        for side, column in enumerate(answers):
+            self.response_keys[side].append(np.fromiter((digest(p, r) for p, r in zip(prompts, column)), np.int64, n))
         if self.kind == "preference":
             self._pairs(batch, prompts, side_lengths)
         for example in batch:
@@ -191,8 +211,8 @@ class DataProfile:
         if margins:
             self.margins.append(np.asarray(margins, np.float64))
         self.pair_keys.append(np.fromiter((digest(p, *sorted((e.chosen, e.rejected))) for p, e in zip(prompts, batch)),
-                                          np.uint64, len(batch)))
-        self.winner_keys.append(np.fromiter((digest(e.chosen) for e in batch), np.uint64, len(batch)))
+                                          np.int64, len(batch)))
+        self.winner_keys.append(np.fromiter((digest(e.chosen) for e in batch), np.int64, len(batch)))
         ids = [self.annotators.setdefault(e.annotator, len(self.annotators)) if e.annotator is not None else -1
                for e in batch]
         self.annotator_of.append(np.asarray(ids, np.int64))
@@ -259,12 +279,13 @@ class DataProfile:
                 **{f"{'exact' if k == 'duplicate' else k}_rate": v / rows for k, v in found.items()}}
 
     def _prompts(self) -> dict[str, Any]:
-        keys = np.concatenate(self.prompt_keys) if self.prompt_keys else np.empty(0, np.uint64)
+        keys = np.concatenate(self.prompt_keys) if self.prompt_keys else np.empty(0, np.int64)
         unique, rows = np.unique(keys, return_counts=True)
         out = {"unique": int(len(unique)), "rows_per_prompt_mean": float(rows.mean()) if len(rows) else 0.0,
                "rows_per_prompt_max": int(rows.max()) if len(rows) else 0, "in_several_rows": int((rows > 1).sum())}
         if self.sides:
-            pairs = np.unique(np.stack([np.tile(keys, len(self.sides)), np.concatenate(self.response_keys)]), axis=1)
+            responses_of = np.concatenate([np.concatenate(side) for side in self.response_keys])
+            pairs = np.unique(np.stack([np.tile(keys, len(self.sides)), responses_of]), axis=1)
             answered = np.unique(pairs[0], return_counts=True)[1]
             out["with_several_responses"] = int((answered > 1).sum())
             out["responses_per_prompt_mean"] = float(answered.mean()) if len(answered) else 0.0
@@ -275,15 +296,15 @@ class DataProfile:
         return out
 
     def _pair_groups(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        pairs = np.concatenate(self.pair_keys) if self.pair_keys else np.empty(0, np.uint64)
-        winners = np.concatenate(self.winner_keys) if self.winner_keys else np.empty(0, np.uint64)
+        pairs = np.concatenate(self.pair_keys) if self.pair_keys else np.empty(0, np.int64)
+        winners = np.concatenate(self.winner_keys) if self.winner_keys else np.empty(0, np.int64)
         annotators = np.concatenate(self.annotator_of) if self.annotator_of else np.empty(0, np.int64)
         return pairs, winners, annotators
 
     def _labels(self) -> dict[str, Any]:
         pairs, winners, _ = self._pair_groups()
         unique_pairs, group, labelled = np.unique(pairs, return_inverse=True, return_counts=True)
-        distinct_winners = np.unique(np.stack([group.astype(np.uint64), winners]), axis=1)[0]
+        distinct_winners = np.unique(np.stack([group.astype(np.int64), winners]), axis=1)[0]
         winners_per_pair = np.bincount(distinct_winners.astype(np.int64), minlength=len(unique_pairs))
         out = {"pairs_labelled_more_than_once": int((labelled > 1).sum()),
                "contradictory_pairs": int((winners_per_pair > 1).sum())}
@@ -318,7 +339,7 @@ class DataProfile:
             return out
         pairs, winners, annotators = pairs[labelled], winners[labelled], annotators[labelled]
         _, group, size = np.unique(pairs, return_inverse=True, return_counts=True)
-        _, side, same_side = np.unique(np.stack([group.astype(np.uint64), winners]), axis=1, return_inverse=True,
+        _, side, same_side = np.unique(np.stack([group.astype(np.int64), winners]), axis=1, return_inverse=True,
                                        return_counts=True)
         side = side.ravel()
         others = size[group] - 1  # the other labels of the same pair, and how many of them agree
