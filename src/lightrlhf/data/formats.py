@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 from lightrlhf.data.clean import Cleaner, CleaningSpec, CountTokens
-
 from lightrlhf.data.messages import (
     MESSAGES,
     Drop,

@@ -11,8 +11,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lightrlhf.launch.build import build
 from lightrlhf.errors import UserError
+from lightrlhf.launch.build import build
 from lightrlhf.launch.cli import cli, exit_for_user_error
 
 log = logging.getLogger("lightrlhf")
