@@ -150,6 +150,11 @@ def prompt_text(prompt: Prompt) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
+def prompt_contents(prompt: Prompt) -> str:
+    """What a prompt's author wrote: the text, or the messages' contents (no roles, no template)."""
+    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+
+
 def responses(example: Any) -> tuple[str, ...]:
     """The response texts of an example: (completion,), (chosen, rejected) or ()."""
     if hasattr(example, "chosen"):
@@ -287,7 +292,7 @@ class Cleaner:
 
     def _token_limit_drops(self, batch: Sequence[Any]) -> list[Drop | None]:
         spec = self.spec
-        prompts = self.count_tokens([prompt_text(e.prompt) for e in batch])
+        prompts = self.count_tokens([prompt_contents(e.prompt) for e in batch])
         answers = list(zip(*(responses(e) for e in batch)))
         lengths = [self.count_tokens(list(column)) for column in answers]
         drops: list[Drop | None] = []

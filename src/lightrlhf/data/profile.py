@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from lightrlhf.data.clean import digest, prompt_text, responses
+from lightrlhf.data.clean import digest, prompt_contents, prompt_text, responses
 
 Tokenize = Callable[[list[str]], list[list[int]]]
 TRACKED = 10_000  # prompts the repeated-prompt summary follows
@@ -40,10 +40,6 @@ _SCRIPTS = {  # codepoint ranges
             (0xAC00, 0xD7AF), (0xF900, 0xFAFF), (0x20000, 0x2FFFF)],
     "latin": [(0x41, 0x5A), (0x61, 0x7A), (0xC0, 0xD6), (0xD8, 0xF6), (0xF8, 0x24F), (0x1E00, 0x1EFF)],
 }
-
-
-def _contents(prompt: Any) -> str:
-    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
 
 
 class _Lengths:
@@ -166,7 +162,7 @@ class DataProfile:
     @staticmethod
     def _texts(batch: list[Any]) -> tuple[list[str], list[str], list[list[str]], list[str]]:
         prompts = [prompt_text(e.prompt) for e in batch]  # roles included: they tell conversations apart
-        contents = [_contents(e.prompt) for e in batch]  # what was written, for lengths and scripts
+        contents = [prompt_contents(e.prompt) for e in batch]  # what was written, for lengths and scripts
         answers = [list(column) for column in zip(*(responses(e) for e in batch))]
         return prompts, contents, answers, contents + [t for column in answers for t in column]
 
