@@ -23,8 +23,9 @@
 The text steps count the rows they changed (`LoadReport.cleaned`); the others drop rows and count
 them with the loader's own reasons (`LoadReport.dropped`). The loaders keep streaming: the
 per-row steps see one example at a time, the batched ones (token limits, near-identical pairs,
-near-duplicates) a batch of `BATCH` examples. What stays in memory is 8 bytes a row for exact
-de-duplication and, with near-duplicates on, what `NearDuplicateIndex` keeps (~230 bytes a row).
+near-duplicates) a batch of `BATCH` examples. What stays in memory is one fingerprint a row for
+exact de-duplication (a Python int in a set, ~60 bytes) and, with near-duplicates on (or measured),
+what `NearDuplicateIndex` keeps (~240 bytes a row).
 
 `measure_all` (the data report) runs the detectors of switched-off steps too and counts what they
 would drop in `LoadReport.flagged`, without dropping it.
