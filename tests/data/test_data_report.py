@@ -237,10 +237,66 @@ def test_every_stage_logs_the_same_figures_in_its_data_summary(tiny_tokenizer):
     assert summary["train/length_bias/length_only_accuracy"] == report["length_bias"]["length_only_accuracy"]
     assert {k: v for k, v in summary.items() if k.startswith("train/length_bias/")} == {
         k: v for k, v in summary_scalars(report, "train").items() if k.startswith("train/length_bias/")}
-    assert summary["train/dropped_duplicate"] == 1 and summary["train/flagged_near_duplicate"] == 3
-    assert summary["train/cleaned_unicode"] == 1 and summary["train/duplicates/near_duplicate"] == 3
+    assert summary["train/dropped_duplicate"] == 1 and summary["train/cleaned_unicode"] == 1
     assert summary["train/annotators/agreement"] == pytest.approx(1 / 3)
+    # MinHash is the report's (3 near-duplicates there); a stage start runs it only for a step that is on
+    assert report["rows"]["flagged"]["near_duplicate"] == 3
+    assert not [k for k in summary if "near_duplicate" in k or "near_identical" in k]
 
+
+def test_a_stage_with_near_duplicate_cleaning_on_logs_what_it_dropped(tiny_tokenizer):
+    from lightrlhf.data.clean import CleaningSpec
+    from lightrlhf.data.modules import PreferenceDataModule
+
+    source = DataSource(path=str(QUALITY / "pref_en.jsonl"), validation_path=str(QUALITY / "pref_en.jsonl"),
+                        max_length=64, max_prompt_length=16, clean=CleaningSpec(near_duplicates=True))
+    datamodule = PreferenceDataModule(source, tiny_tokenizer, batch_size=2)
+    datamodule.setup("fit")
+    summary = datamodule.summary
+    assert summary["train/dropped_near_duplicate"] == 3 and summary["train/duplicates/near_duplicate"] == 3
+    assert "train/duplicates/near_identical_pair" not in summary  # that step is off: not measured
+
+
+def test_features_tokenized_a_batch_at_once_equal_those_tokenized_one_by_one(tiny_tokenizer):
+    from lightrlhf.data.formats import load_preferences, load_prompts, load_sft
+    from lightrlhf.data.modules import PreferenceDataModule, PromptDataModule, SFTDataModule
+    from lightrlhf.data.tokenize import TruncationReport, encode_pair, encode_prompt, encode_sft
+
+    def source(name):
+        path = str(QUALITY / name)
+        return DataSource(path=path, validation_path=path, max_length=40, max_prompt_length=12)
+
+    for name in ("sft_en.jsonl", "sft_zh.jsonl"):  # text prompts; chat prompts (template)
+        datamodule = SFTDataModule(source(name), tiny_tokenizer, batch_size=2)
+        datamodule.setup("fit")
+        examples, _ = load_sft(str(QUALITY / name), clean=datamodule.source.clean)
+        alone = [encode_sft(tiny_tokenizer, e.prompt, e.completion, 40, 12, TruncationReport()) for e in examples]
+        assert datamodule.train_set.items == [f for f in alone if f is not None] and len(alone) > 3
+    for name in ("pref_en.jsonl", "pref_zh.jsonl"):
+        datamodule = PreferenceDataModule(source(name), tiny_tokenizer, batch_size=2)
+        datamodule.setup("fit")
+        examples, _ = load_preferences(str(QUALITY / name), clean=datamodule.source.clean)
+        alone = [encode_pair(tiny_tokenizer, e.prompt, e.chosen, e.rejected, e.margin, 40, 12, TruncationReport())
+                 for e in examples]
+        assert [(f.chosen_ids, f.rejected_ids, f.chosen_prompt_length) for f in datamodule.train_set.items] == [
+            (f.chosen_ids, f.rejected_ids, f.chosen_prompt_length) for f in alone if f is not None]
+        datamodule = PromptDataModule(source(name), tiny_tokenizer, batch_size=2)
+        datamodule.setup("fit")
+        examples, _ = load_prompts(str(QUALITY / name), clean=datamodule.source.clean)
+        assert [f.prompt_ids for f in datamodule.train_set.items] == [
+            encode_prompt(tiny_tokenizer, e.prompt)[-12:] for e in examples]
+
+
+def test_a_stage_counts_exact_repeats_it_keeps(tiny_tokenizer):
+    from lightrlhf.data.clean import CleaningSpec
+    from lightrlhf.data.modules import PreferenceDataModule
+
+    source = DataSource(path=str(QUALITY / "pref_en.jsonl"), validation_path=str(QUALITY / "pref_en.jsonl"),
+                        max_length=64, max_prompt_length=16, clean=CleaningSpec(drop_duplicates=False))
+    datamodule = PreferenceDataModule(source, tiny_tokenizer, batch_size=2)
+    datamodule.setup("fit")
+    assert datamodule.summary["train/flagged_duplicate"] == 1 and "train/dropped_duplicate" not in datamodule.summary
+    assert datamodule.summary["train/duplicates/exact"] == 1
 
 def test_small_batches_tokenized_in_the_background_give_the_same_report():
     from lightrlhf.data.clean import CleaningSpec

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -238,8 +238,11 @@ class DataProfile:
         self.script_rows["none"] += int((letters == 0).sum())
 
     # -- the report ----------------------------------------------------------------------------------
-    def result(self, report: Any) -> dict[str, Any]:
-        """The report of the examples added so far; `report` is their LoadReport (complete)."""
+    def result(self, report: Any, near_measured: Collection[str] = ("near_duplicate", "near_identical_pair")
+               ) -> dict[str, Any]:
+        """The report of the examples added so far; `report` is their LoadReport (complete).
+        `near_measured`: the MinHash reasons the loader measured (a stage measures only the steps it runs);
+        the others are left out of "duplicates" rather than shown as 0."""
         out: dict[str, Any] = {"kind": self.kind, "source": report.source, "format": report.format}
         out["rows"] = {"read": report.rows, "kept": report.kept, "dropped": dict(sorted(report.dropped.items())),
                        "cleaned": dict(sorted(report.cleaned.items())), "flagged": dict(sorted(report.flagged.items()))}
@@ -249,7 +252,7 @@ class DataProfile:
             out["diversity"] = {"distinct_1": unique_1 / max(self.unigrams.total, 1), "distinct_2":
                                 unique_2 / max(self.bigrams.total, 1), "unique_unigrams": unique_1,
                                 "unique_bigrams": unique_2, "unigrams": self.unigrams.total, "bigrams": self.bigrams.total}
-        out["duplicates"] = self._duplicates(report)
+        out["duplicates"] = self._duplicates(report, near_measured)
         out["prompts"] = self._prompts()
         if self.kind == "preference":
             out["labels"] = self._labels()
@@ -265,11 +268,11 @@ class DataProfile:
         out["warnings"] = self._warnings(out)
         return out
 
-    def _duplicates(self, report: Any) -> dict[str, Any]:
-        found = {reason: report.dropped.get(reason, 0) + report.flagged.get(reason, 0)
-                 for reason in ("duplicate", "near_duplicate", "near_identical_pair")}
-        if self.kind != "preference":
-            del found["near_identical_pair"]
+    def _duplicates(self, report: Any, near_measured: Collection[str]) -> dict[str, Any]:
+        reasons = ["duplicate", *(r for r in ("near_duplicate", "near_identical_pair") if r in near_measured)]
+        if self.kind != "preference" and "near_identical_pair" in reasons:
+            reasons.remove("near_identical_pair")
+        found = {reason: report.dropped.get(reason, 0) + report.flagged.get(reason, 0) for reason in reasons}
         rows = max(report.rows, 1)
         return {**{("exact" if k == "duplicate" else k): v for k, v in found.items()},
                 **{f"{'exact' if k == 'duplicate' else k}_rate": v / rows for k, v in found.items()}}
