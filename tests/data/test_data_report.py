@@ -12,6 +12,7 @@ import json
 import re
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -298,18 +299,25 @@ def test_a_stage_counts_exact_repeats_it_keeps(tiny_tokenizer):
     assert datamodule.summary["train/flagged_duplicate"] == 1 and "train/dropped_duplicate" not in datamodule.summary
     assert datamodule.summary["train/duplicates/exact"] == 1
 
-def test_small_batches_tokenized_in_the_background_give_the_same_report():
+def word_ids(texts: list[str]) -> list[list[int]]:
+    """A stateless word tokenizer (the same ids in every process)."""
+    return [[zlib.crc32(word.encode()) & 0x7FFFFFFF for word in tokens(text)] for text in texts]
+
+
+def test_the_report_does_not_depend_on_batches_or_worker_processes():
     from lightrlhf.data.clean import CleaningSpec
     from lightrlhf.data.formats import stream_examples
     from lightrlhf.data.profile import DataProfile
 
-    results = []
-    for batch_size in (3, 4096):
-        examples, load_report = stream_examples("preference", str(QUALITY / "pref_en.jsonl"), clean=CleaningSpec(),
-                                                measure_all=True)
-        tokenizer = WordTokenizer()
-        profile = DataProfile("preference", lambda texts: tokenizer(texts)["input_ids"])
-        profile.add_all(examples, batch_size=batch_size)
-        results.append(profile.result(load_report))
-    small, whole = results
-    assert small == whole and small["length_bias"]["pairs"] == 8
+    results = {}
+    for name in ("pref_en.jsonl", "sft_zh.jsonl"):
+        for batch_size, workers in ((3, 0), (3, 2), (4096, 0), (4096, 1)):
+            kind = "preference" if name.startswith("pref") else "sft"
+            examples, load_report = stream_examples(kind, str(QUALITY / name), clean=CleaningSpec(), measure_all=True)
+            profile = DataProfile(kind, word_ids)
+            profile.add_all(examples, batch_size=batch_size, workers=workers)
+            results[name, batch_size, workers] = profile.result(load_report)
+        whole = results[name, 4096, 0]
+        assert all(result == whole for (file, *_), result in results.items() if file == name)
+    assert results["pref_en.jsonl", 3, 2]["length_bias"]["pairs"] == 8
+    assert results["sft_zh.jsonl", 3, 2]["scripts"]["rows"]["cjk"] > 0

@@ -7,7 +7,8 @@ drawn from a small grammar (so prompts repeat), responses of 5-40 words, a chose
 longer on ~65% of the pairs, 1% exact repeats, 1% near-duplicates (one word changed), 2% pairs in
 Chinese. Then runs the same code as `python -m lightrlhf.data report` (model=tiny's tokenizer, the
 default cleaning plus the report's measuring of the switched-off steps) and prints the wall time and
-the peak resident memory (getrusage), so that "reported in 2 minutes with bounded memory" is measured,
+the peak resident memory of the main process and of the largest worker (getrusage), the CPU time of
+all of them and the load average (the figures mean little on a busy machine), so that "reported in 2 minutes with bounded memory" is measured,
 not assumed. Not part of `make test`: it takes minutes.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import sys
@@ -70,11 +72,18 @@ def write_file(path: Path, rows: int) -> None:
     partial.rename(path)
 
 
+def _cpu_seconds() -> tuple[float, float]:
+    """CPU seconds of this process and of its (finished) children, the workers."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--file", type=Path, default=None, help="default: outputs/bench/pref-<rows>.jsonl")
     parser.add_argument("--near-duplicates", action="store_true", help="drop near-duplicates too (data.clean)")
+    parser.add_argument("--workers", type=int, default=2, help="report.workers (0: a single process)")
     args = parser.parse_args(argv)
     path = args.file or Path("outputs/bench") / f"pref-{args.rows}.jsonl"
     if not path.exists():
@@ -93,16 +102,26 @@ def main(argv: list[str] | None = None) -> None:
     source = DataSource(path=str(path), max_length=64, max_prompt_length=16,
                         clean=CleaningSpec(near_duplicates=args.near_duplicates))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    started = time.perf_counter()
-    report = build_report(source, tokenizer, ReportSpec())
-    wall = time.perf_counter() - started
+    load_before = os.getloadavg()[0]
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
+    report = build_report(source, tokenizer, ReportSpec(workers=args.workers))
+    wall, cpu_ended = time.perf_counter() - started, _cpu_seconds()
+    main_cpu, workers_cpu = cpu_ended[0] - cpu_started[0], cpu_ended[1] - cpu_started[1]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    worker_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest worker's
     rows, bias = report["rows"], report["length_bias"]
     print(f"rows: {rows['read']} read, {rows['kept']} kept, dropped {rows['dropped']}, flagged {rows['flagged']}")
     print(f"length bias: chosen longer {bias['chosen_longer_fraction']:.3f}, "
           f"length-only accuracy {bias['length_only_accuracy']:.3f}")
-    print(f"report wall time: {wall:.1f} s ({wall / rows['read'] * 1e6:.0f} us a row)")
-    print(f"peak RSS: {peak / 1024:.0f} MiB (before the report: {before / 1024:.0f} MiB)")
+    print(f"report wall time: {wall:.1f} s ({rows['read'] / wall:.0f} rows/s) with {args.workers} worker process(es); "
+          f"CPU time {main_cpu + workers_cpu:.1f} s: {main_cpu:.1f} s main process, {workers_cpu:.1f} s workers")
+    # on a busy machine the wall time says how busy it was; the CPU times give what 2 free cores would take:
+    # the main process (reading, cleaning) is serial, the rest shares the cores
+    print(f"wall time on {os.cpu_count()} free cores, from the CPU times: >= "
+          f"{max(main_cpu, (main_cpu + workers_cpu) / (os.cpu_count() or 1)):.1f} s")
+    print(f"peak RSS: {peak / 1024:.0f} MiB main process (before the report: {before / 1024:.0f} MiB)"
+          + (f", {worker_peak / 1024:.0f} MiB largest worker" if args.workers else ""))
+    print(f"load average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after, on {os.cpu_count()} CPUs")
     sys.stdout.flush()
 
 

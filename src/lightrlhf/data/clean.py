@@ -96,6 +96,8 @@ class CleaningSpec:
 
 def normalize_text(text: str, spec: CleaningSpec, changed: Counter | set | None = None) -> str:
     """`text` after the text steps that `spec` switches on; each step that changed it is added to `changed`."""
+    if text.isascii() and text.isprintable() and "  " not in text and text.strip() == text:
+        return text  # detail: no step changes printable ASCII without tabs, line ends or runs of spaces
     for step, apply in _text_steps(spec):
         cleaned = apply(text)
         if cleaned != text and isinstance(changed, set):

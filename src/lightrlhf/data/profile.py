@@ -22,10 +22,13 @@ a reward model must beat before it has learnt anything but length (Singhal et al
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections import Counter
+import os
+from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -78,9 +81,10 @@ class _Distinct:
     def __init__(self) -> None:
         self.known, self.pending, self.pending_size, self.total = np.empty(0, np.int64), [], 0, 0
 
-    def add(self, codes: np.ndarray) -> None:
-        self.total += len(codes)
-        self.pending.append(np.unique(codes))
+    def add_unique(self, codes: np.ndarray, total: int) -> None:
+        """`codes`: the distinct values of `total` values."""
+        self.total += total
+        self.pending.append(codes)
         self.pending_size += len(self.pending[-1])
         if self.pending_size > max(1 << 20, len(self.known)):  # detail: merging seldom keeps it linear
             self._merge()
@@ -134,48 +138,60 @@ class DataProfile:
         self.characters: Counter = Counter()
         self.script_rows: Counter = Counter()
 
-    def add_all(self, examples: Iterable[Any], batch_size: int = 4096) -> None:
-        """Add every example. A batch is tokenized in a second thread while the next one is read and
-        cleaned: Rust tokenizers release the GIL, so reading and tokenizing use two cores."""
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = None  # (batch, its texts, their token ids to come)
-            batch: list[Any] = []
-            for example in examples:
-                batch.append(example)
-                if len(batch) == batch_size:
-                    pending = self._finish(pending)
-                    texts = self._texts(batch)
-                    pending, batch = (batch, texts, pool.submit(self.tokenize, texts[-1])), []
-            self._finish(pending)
-            if batch:
-                self.add(batch)
+    def add_all(self, examples: Iterable[Any], batch_size: int = 4096, workers: int = 0) -> None:
+        """Add every example. The token statistics of a batch (`token_stats`: tokenizing, n-grams,
+        scripts, the bulk of the work) are computed while the next batches are read and cleaned: by
+        `workers` processes (forked, so they share the tokenizer; results are merged in batch order, so
+        the figures do not depend on `workers`), or with workers=0 by a thread of this process (Rust
+        tokenizers release the GIL, the rest does not). At most 2 x workers + 1 batches are in flight."""
+        if workers > 0:
+            import multiprocessing
 
-    def _finish(self, pending: tuple | None) -> None:
-        if pending is not None:
-            batch, texts, ids = pending
-            self._add(batch, texts, ids.result())
+            pool = multiprocessing.get_context("fork").Pool(workers, _start_worker, (self.tokenize,))
+            submit, in_flight = lambda texts, n: pool.apply_async(_worker_token_stats, (texts, n, len(self.sides))), 2 * workers
+        else:
+            pool = ThreadPoolExecutor(max_workers=1)
+            submit, in_flight = lambda texts, n: pool.submit(token_stats, self.tokenize, texts, n, len(self.sides)), 1
+        pending: deque[tuple[list[Any], tuple, Any]] = deque()  # (batch, its texts, its token statistics to come)
+        try:
+            batch: list[Any] = []
+            for example in itertools.chain(examples, [None]):
+                if example is not None:
+                    batch.append(example)
+                if batch and (len(batch) == batch_size or example is None):
+                    texts = self._texts(batch)
+                    pending.append((batch, texts, submit(texts[-1], len(batch))))
+                    batch = []
+                while pending and (len(pending) > in_flight or example is None):
+                    done, texts, stats = pending.popleft()
+                    self._add(done, texts, stats.get() if workers > 0 else stats.result())
+        finally:
+            if workers > 0:
+                pool.terminate()  # detail: every result was taken (or an error stops the report): nothing to wait for
+            else:
+                pool.shutdown(cancel_futures=True)
 
     def add(self, batch: list[Any]) -> None:
         texts = self._texts(batch)
-        self._add(batch, texts, self.tokenize(texts[-1]))
+        self._add(batch, texts, token_stats(self.tokenize, texts[-1], len(batch), len(self.sides)))
 
     @staticmethod
-    def _texts(batch: list[Any]) -> tuple[list[str], list[str], list[list[str]], list[str]]:
+    def _texts(batch: list[Any]) -> tuple[list[str], list[list[str]], list[str]]:
         prompts = [prompt_text(e.prompt) for e in batch]  # roles included: they tell conversations apart
         contents = [prompt_contents(e.prompt) for e in batch]  # what was written, for lengths and scripts
         answers = [list(column) for column in zip(*(responses(e) for e in batch))]
-        return prompts, contents, answers, contents + [t for column in answers for t in column]
+        return prompts, answers, contents + [t for column in answers for t in column]
 
-    def _add(self, batch: list[Any], texts: tuple, ids: list[list[int]]) -> None:
-        prompts, contents, answers, _ = texts
+    def _add(self, batch: list[Any], texts: tuple, stats: TokenStats) -> None:
+        prompts, answers, _ = texts
         n = len(batch)
-        self.lengths["prompt"].add(np.fromiter((len(x) for x in ids[:n]), np.int64, n))
+        self.lengths["prompt"].add(stats.lengths[:n])
         side_lengths = []
         for s, name in enumerate(self.sides):
-            side_ids = ids[n * (s + 1): n * (s + 2)]
-            side_lengths.append(np.fromiter((len(x) for x in side_ids), np.int64, n))
+            side_lengths.append(stats.lengths[n * (s + 1): n * (s + 2)])
             self.lengths[name].add(side_lengths[-1])
-            self._ngrams(side_ids)
+            self.unigrams.add_unique(*stats.unigrams[s])
+            self.bigrams.add_unique(*stats.bigrams[s])
         prompt_keys = np.fromiter((digest(p) for p in prompts), np.int64, n)
         self.prompt_keys.append(prompt_keys)
         for key, text in zip(prompt_keys.tolist(), prompts):
@@ -187,16 +203,8 @@ class DataProfile:
         for example in batch:
             if getattr(example, "label", None) is not None:
                 self.labels[example.label] += 1
-        self._scripts([" ".join([p, *(column[i] for column in answers)]) for i, p in enumerate(contents)])
-
-    def _ngrams(self, side_ids: list[list[int]]) -> None:
-        lengths = np.fromiter((len(x) for x in side_ids), np.int64, len(side_ids))
-        flat = np.fromiter((t for x in side_ids for t in x), np.int64, int(lengths.sum()))
-        self.unigrams.add(flat)
-        ends = np.cumsum(lengths)
-        inside = np.ones(max(len(flat) - 1, 0), bool)
-        inside[(ends - 1)[(ends - 1) < len(inside)]] = False  # a bigram does not cross two responses
-        self.bigrams.add((flat[:-1] << 32 | flat[1:])[inside] if len(flat) > 1 else flat[:0])
+        self.characters.update(stats.characters)
+        self.script_rows.update(stats.script_rows)
 
     def _pairs(self, batch: list[Any], prompts: list[str], side_lengths: list[np.ndarray]) -> None:
         chosen, rejected = side_lengths
@@ -212,30 +220,6 @@ class DataProfile:
         ids = [self.annotators.setdefault(e.annotator, len(self.annotators)) if e.annotator is not None else -1
                for e in batch]
         self.annotator_of.append(np.asarray(ids, np.int64))
-
-    def _scripts(self, texts: list[str]) -> None:
-        lengths = np.fromiter((len(t) for t in texts), np.int64, len(texts))
-        points = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), np.uint32)
-        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-        per_row, in_scripts = {}, 0
-        for script, ranges in _SCRIPTS.items():
-            inside = np.zeros(len(points), bool)
-            for low, high in ranges:
-                inside |= (points >= low) & (points <= high)
-            per_row[script] = np.add.reduceat(inside, starts) if len(points) else np.zeros(len(texts), np.int64)
-            per_row[script] = np.where(lengths > 0, per_row[script], 0)
-            self.characters[script] += int(inside.sum())
-            in_scripts += int(inside.sum())
-        spaces = int(((points == 32) | (points == 10) | (points == 9)).sum())
-        self.characters["other"] += len(points) - spaces - in_scripts  # digits, punctuation, other scripts
-        cjk, latin = per_row["cjk"], per_row["latin"]
-        letters = cjk + latin
-        minority = np.minimum(cjk, latin)
-        mixed = (letters > 0) & (minority >= 0.1 * letters)
-        self.script_rows["mixed"] += int(mixed.sum())
-        self.script_rows["cjk"] += int((~mixed & (cjk > latin)).sum())
-        self.script_rows["latin"] += int((~mixed & (latin > cjk)).sum())
-        self.script_rows["none"] += int((letters == 0).sum())
 
     # -- the report ----------------------------------------------------------------------------------
     def result(self, report: Any, near_measured: Collection[str] = ("near_duplicate", "near_identical_pair")
@@ -368,6 +352,79 @@ class DataProfile:
         if agreement is not None and agreement < 0.7:
             warnings.append(f"annotators agree on {agreement:.1%} of the label pairs they share")
         return warnings
+
+
+
+@dataclass
+class TokenStats:
+    """What a batch of texts (prompt contents, then each side's responses, n each) adds to a profile,
+    computed away from it (a worker process) and merged in order."""
+
+    lengths: np.ndarray  # tokens of each text
+    unigrams: list[tuple[np.ndarray, int]]  # by side: the distinct unigram codes, and how many unigrams
+    bigrams: list[tuple[np.ndarray, int]]  # by side: likewise for bigrams
+    characters: Counter  # script -> characters
+    script_rows: Counter  # a row's script -> rows
+
+
+def token_stats(tokenize: Tokenize, texts: list[str], n: int, sides: int) -> TokenStats:
+    distinct = list(dict.fromkeys(texts))  # detail: a prompt with several responses is tokenized once
+    ids_of = dict(zip(distinct, tokenize(distinct)))
+    ids = [ids_of[text] for text in texts]
+    lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+    unigrams, bigrams = [], []
+    for s in range(sides):
+        side_lengths = lengths[n * (s + 1): n * (s + 2)]
+        flat = np.fromiter(itertools.chain.from_iterable(ids[n * (s + 1): n * (s + 2)]), np.int64,
+                           int(side_lengths.sum()))
+        ends = np.cumsum(side_lengths)
+        inside = np.ones(max(len(flat) - 1, 0), bool)
+        inside[(ends - 1)[(ends - 1) < len(inside)]] = False  # a bigram does not cross two responses
+        pairs = (flat[:-1] << 32 | flat[1:])[inside] if len(flat) > 1 else flat[:0]
+        unigrams.append((np.unique(flat), len(flat)))
+        bigrams.append((np.unique(pairs), len(pairs)))
+    rows = [" ".join(texts[i::n]) for i in range(n)]  # a row's prompt and responses
+    characters, script_rows = _scripts(rows)
+    return TokenStats(lengths, unigrams, bigrams, characters, script_rows)
+
+
+_worker_tokenize: Tokenize | None = None
+
+
+def _start_worker(tokenize: Tokenize) -> None:
+    global _worker_tokenize
+    _worker_tokenize = tokenize
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread a worker: the workers are the parallelism
+
+
+def _worker_token_stats(texts: list[str], n: int, sides: int) -> TokenStats:
+    return token_stats(_worker_tokenize, texts, n, sides)
+
+
+def _scripts(texts: list[str]) -> tuple[Counter, Counter]:
+    lengths = np.fromiter((len(t) for t in texts), np.int64, len(texts))
+    points = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), np.uint32)
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    per_row, in_scripts, characters, script_rows = {}, 0, Counter(), Counter()
+    for script, ranges in _SCRIPTS.items():
+        inside = np.zeros(len(points), bool)
+        for low, high in ranges:
+            inside |= (points >= low) & (points <= high)
+        per_row[script] = np.add.reduceat(inside, starts) if len(points) else np.zeros(len(texts), np.int64)
+        per_row[script] = np.where(lengths > 0, per_row[script], 0)
+        characters[script] += int(inside.sum())
+        in_scripts += int(inside.sum())
+    spaces = int(((points == 32) | (points == 10) | (points == 9)).sum())
+    characters["other"] += len(points) - spaces - in_scripts  # digits, punctuation, other scripts
+    cjk, latin = per_row["cjk"], per_row["latin"]
+    letters = cjk + latin
+    minority = np.minimum(cjk, latin)
+    mixed = (letters > 0) & (minority >= 0.1 * letters)
+    script_rows["mixed"] += int(mixed.sum())
+    script_rows["cjk"] += int((~mixed & (cjk > latin)).sum())
+    script_rows["latin"] += int((~mixed & (latin > cjk)).sum())
+    script_rows["none"] += int((letters == 0).sum())
+    return characters, script_rows
 
 
 def summary_scalars(result: dict[str, Any], prefix: str) -> dict[str, float]:

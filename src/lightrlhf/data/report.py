@@ -3,7 +3,8 @@
     python -m lightrlhf.data report data=<data> [model=<model>] [report.split=validation]
 
 reads the split through the same loader, format detection and cleaning (`data.clean`) as a stage,
-streams it through `DataProfile`, and writes `report.json` and PNG plots (`lightrlhf.data.plots`)
+streams it through `DataProfile` (`report.workers` processes tokenize and count while this one reads
+and cleans), and writes `report.json` and PNG plots (`lightrlhf.data.plots`)
 into the run directory. Token counts are in the tokens of `model`'s tokenizer, the ones a stage
 trains on. Stages log the same figures (`summary_scalars`) at their start as `data/*`.
 """
@@ -39,11 +40,14 @@ class ReportSpec:
     top_prompts: int = 10
     length_bias_warning: float = 0.6
     plots: bool = True
+    workers: int = 2  # processes that tokenize and count beside the one that reads and cleans; 0 = a thread
+
 
     def __post_init__(self) -> None:
         one_of("split", self.split, ["train", "validation"])
         one_of("kind", self.kind, KINDS)
         non_negative("top_prompts", self.top_prompts)
+        non_negative("workers", self.workers)
         in_range("length_bias_warning", self.length_bias_warning, 0.5, 1.0)
 
 
@@ -60,7 +64,7 @@ def build_report(source: DataSource, tokenizer, spec: ReportSpec) -> dict[str, A
         margin_from_scores=source.margin_from_scores and kind == "preference", max_line_bytes=source.max_line_bytes,
         count_tokens=token_counter(tokenizer), measure_all=True)
     profile = DataProfile(kind, partial(token_ids, tokenizer), spec.top_prompts, spec.length_bias_warning)
-    profile.add_all(examples)
+    profile.add_all(examples, workers=spec.workers)
     result = profile.result(load_report)
     result["split"] = spec.split
     result["cleaning"] = asdict(source.clean)
