@@ -77,7 +77,6 @@ UNMENTIONED = {
     "DataSource.split": "hub datasets only; conf/data/hh_rlhf.yaml and the UltraFeedback files show it",
     "DataSource.validation_split": "hub datasets only; conf/data/hh_rlhf.yaml and others show it",
     "DataSource.strict": "dropping and counting bad rows suits every shipped data file; conf/data/jsonl.yaml shows it",
-    "DataSource.drop_duplicates": "the demo's files are read as generated; conf/data/jsonl.yaml shows it",
     "DataSource.margin_from_scores": "needs score fields (UltraFeedback); conf/data/jsonl.yaml shows it",
     "OptimizerSpec.betas": "AdamW's usual values; no stage changes them",
     "OptimizerSpec.eps": "AdamW's usual value; no stage changes it",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from lightrlhf.data.clean import CleaningSpec
 from lightrlhf.data.formats import (
     FORMATS,
     LoadReport,
@@ -112,7 +113,7 @@ def test_explicit_pairs_with_margins_and_drops():
 
 def test_drop_duplicates_counts_them():
     source = fixture("pref_explicit.jsonl")
-    examples, report = load_preferences(source, drop_duplicates=True)
+    examples, report = load_preferences(source, clean=CleaningSpec())
     assert [e.where for e in examples] == [f"{source}:1", f"{source}:2"]
     assert report.dropped == {"tie": 1, "empty_response": 1, "duplicate": 1}
 
@@ -127,7 +128,7 @@ def test_strict_mode_reports_the_first_dropped_row():
 def test_strict_mode_reports_empty_responses_and_duplicates(tmp_path):
     row = {"prompt": "p", "chosen": "a", "rejected": "b"}
     source = jsonl(tmp_path, row, row)
-    assert error_of(load_preferences, source, strict=True, drop_duplicates=True) == (
+    assert error_of(load_preferences, source, strict=True, clean=CleaningSpec()) == (
         f"{source}:2: a duplicate of the example at {source}:1; strict mode does not drop it"
     )
     source = jsonl(tmp_path, {"prompt": "p", "chosen": "a", "rejected": " \n"})

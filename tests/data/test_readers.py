@@ -173,7 +173,7 @@ def test_a_broken_file_is_one_line_naming_file_and_line(tmp_path, name, content,
 
 def test_missing_file_and_directory(tmp_path):
     assert error_of(str(tmp_path / "data" / "nope.jsonl")) == f"{tmp_path}/data/nope.jsonl: no such file"
-    assert error_of(str(tmp_path)) == f"{tmp_path}: is a directory, not a data file"
+    assert error_of(str(tmp_path)) == f"{tmp_path}: is a directory, not a data file (nor a datasets save_to_disk directory)"
     assert error_of("data/nope.jsonl") == "data/nope.jsonl: no such file"
 
 

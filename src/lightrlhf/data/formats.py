@@ -12,7 +12,8 @@ well formed but useless are dropped and counted in `LoadReport.dropped`, never s
   empty_response   an empty or whitespace-only completion, chosen or rejected
   empty_prompt     (prompts only) an empty or whitespace-only prompt
   prompt_mismatch  chosen and rejected continue different conversations
-  duplicate        (drop_duplicates=True) the same example as an earlier row
+and, with cleaning (`lightrlhf.data.clean`, the `data.clean` node), after the text is normalised:
+  duplicate, near_duplicate, near_identical_pair, prompt_too_long, response_too_long, response_too_short
 With strict=True the first such row is an error instead.
 
 Decisions: "implicit" pairs whose responses share no prompt prefix are an error (the file is most
@@ -22,11 +23,12 @@ score_rejected) also accept numeric strings, as CSV has no other kind, and an em
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
+from lightrlhf.data.clean import Cleaner, CleaningSpec, CountTokens
 from lightrlhf.data.messages import (
     MESSAGES,
     Drop,
@@ -46,7 +48,7 @@ from lightrlhf.data.readers import MAX_LINE_BYTES, Row, iter_rows, json_type
 from lightrlhf.errors import DataError, UserError
 
 __all__ = ["FORMATS", "LoadReport", "Message", "PreferenceExample", "Prompt", "PromptExample",
-           "SFTExample", "load_preferences", "load_prompts", "load_sft"]
+           "SFTExample", "load_preferences", "load_prompts", "load_sft", "stream_examples"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class SFTExample:
     prompt: Prompt
     completion: str
     where: str
+    annotator: str | None = None  # the row's annotator id, when it has one (data report)
+    label: str | None = None  # the row's own "label" field, when it has one (data report)
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,8 @@ class PreferenceExample:
     rejected: str
     margin: float | None
     where: str
+    annotator: str | None = None  # the row's annotator id, when it has one (data report)
+    label: str | None = None  # the row's own "label" field, when it has one (data report)
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,8 @@ class LoadReport:
     rows: int
     kept: int
     dropped: dict[str, int]  # reason -> count, e.g. {"tie": 3, "duplicate": 2}
+    cleaned: dict[str, int] = field(default_factory=dict)  # text step -> rows it changed, e.g. {"unicode": 4}
+    flagged: dict[str, int] = field(default_factory=dict)  # a switched-off step -> rows it would drop
 
 
 TEXT, EITHER = "a string", f"a string or {MESSAGES}"
@@ -118,90 +126,168 @@ class _Missing(RowProblem):
 
 def load_sft(
     source: str, format: str = "auto", split: str | None = None, strict: bool = False,
-    drop_duplicates: bool = False, max_line_bytes: int = MAX_LINE_BYTES,
+    clean: CleaningSpec | None = None, max_line_bytes: int = MAX_LINE_BYTES, count_tokens: CountTokens | None = None,
+    measure_all: bool = False,
 ) -> tuple[list[SFTExample], LoadReport]:
-    def build(fmt: str, row: Row) -> SFTExample:
-        prompt, completion = _SFT[fmt](row.values)
-        if not completion.strip():
-            raise Drop("empty_response", "the completion is empty")
-        return SFTExample(prompt, completion, row.where)
-
-    return _load("sft", source, format, split, strict, drop_duplicates, max_line_bytes, build)
+    """clean: the cleaning steps (`lightrlhf.data.clean`); None = none. count_tokens: for its token limits.
+    measure_all: see `stream_examples`."""
+    return _collect(stream_examples("sft", source, format=format, split=split, strict=strict, clean=clean,
+                                    max_line_bytes=max_line_bytes, count_tokens=count_tokens, measure_all=measure_all))
 
 
 def load_preferences(
     source: str, format: str = "auto", split: str | None = None, strict: bool = False,
-    drop_duplicates: bool = False, margin_from_scores: bool = False, max_line_bytes: int = MAX_LINE_BYTES,
+    clean: CleaningSpec | None = None, margin_from_scores: bool = False, max_line_bytes: int = MAX_LINE_BYTES,
+    count_tokens: CountTokens | None = None, measure_all: bool = False,
 ) -> tuple[list[PreferenceExample], LoadReport]:
     """margin_from_scores: margin = score_chosen - score_rejected (both required); otherwise the
     optional "margin" field."""
-
-    def build(fmt: str, row: Row) -> PreferenceExample:
-        prompt, chosen, rejected = PAIRS[fmt](row.values)
-        margin = read_margin(row.values, margin_from_scores)
-        if chosen == rejected:
-            raise Drop("tie", "chosen and rejected are identical (a tie)")
-        for name, response in (("chosen", chosen), ("rejected", rejected)):
-            if not response.strip():
-                raise Drop("empty_response", f"the {name} response is empty")
-        return PreferenceExample(prompt, chosen, rejected, margin, row.where)
-
-    return _load("preference", source, format, split, strict, drop_duplicates, max_line_bytes, build)
+    return _collect(stream_examples("preference", source, format=format, split=split, strict=strict, clean=clean,
+                                    margin_from_scores=margin_from_scores, max_line_bytes=max_line_bytes,
+                                    count_tokens=count_tokens, measure_all=measure_all))
 
 
 def load_prompts(
     source: str, format: str = "auto", split: str | None = None, strict: bool = False,
-    drop_duplicates: bool = False, max_line_bytes: int = MAX_LINE_BYTES,
+    clean: CleaningSpec | None = None, max_line_bytes: int = MAX_LINE_BYTES, count_tokens: CountTokens | None = None,
+    measure_all: bool = False,
 ) -> tuple[list[PromptExample], LoadReport]:
     """Also reads SFT and preference files (their prompts), so one file can serve several stages."""
-
-    def build(fmt: str, row: Row) -> PromptExample:
-        prompt = PAIRS[fmt](row.values)[0] if fmt in PAIRS else _PROMPTS[fmt](row.values)
-        contents = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
-        if not any(content.strip() for content in contents):
-            raise Drop("empty_prompt", "the prompt is empty")
-        return PromptExample(prompt, row.where)
-
-    return _load("prompt", source, format, split, strict, drop_duplicates, max_line_bytes, build)
+    return _collect(stream_examples("prompt", source, format=format, split=split, strict=strict, clean=clean,
+                                    max_line_bytes=max_line_bytes, count_tokens=count_tokens, measure_all=measure_all))
 
 
 Example = TypeVar("Example", SFTExample, PreferenceExample, PromptExample)
 
 
-def _load(
-    kind: str, source: str, format: str, split: str | None, strict: bool, drop_duplicates: bool,
-    max_line_bytes: int, build: Callable[[str, Row], Example],
-) -> tuple[list[Example], LoadReport]:
+def _collect(stream: tuple[Iterator[Example], LoadReport]) -> tuple[list[Example], LoadReport]:
+    examples, report = stream
+    return list(examples), report
+
+
+def stream_examples(
+    kind: str, source: str, *, format: str = "auto", split: str | None = None, strict: bool = False,
+    clean: CleaningSpec | None = None, margin_from_scores: bool = False, max_line_bytes: int = MAX_LINE_BYTES,
+    count_tokens: CountTokens | None = None, measure_all: bool = False,
+) -> tuple[Iterator[Example], LoadReport]:
+    """The examples of `kind` in `source`, one at a time, and the LoadReport they fill in as they are
+    read (complete once the iterator is exhausted). Nothing is held but the row being read and what
+    the cleaning steps keep (see `lightrlhf.data.clean`). An empty result is an error, raised at the end.
+
+    measure_all: also count what switched-off cleaning steps would drop (`LoadReport.flagged`)."""
     if format != "auto" and format not in FORMATS[kind]:
         known = ", ".join(FORMATS[kind])
         raise UserError(f'unknown {kind} format "{format}"; known: auto, {known}')
-    examples, dropped, first_seen, rows = [], Counter(), {}, 0
-    for row in iter_rows(source, split, max_line_bytes):  # one row in memory at a time, beside the examples
-        rows += 1
+    if clean is not None and clean.token_limits and count_tokens is None:
+        raise UserError("data.clean: the token limits need the model's tokenizer to count tokens")
+    report = LoadReport(source, format, 0, 0, {})
+    cleaner = Cleaner(clean, count_tokens, measure_all, strict) if clean is not None else None
+    dropped, cleaned, flagged = Counter(), Counter(), Counter()
+
+    def reject(where: str, drop: Drop) -> None:
+        if strict:
+            raise DataError(where, None, f"{drop.why}; strict mode does not drop it") from None
+        dropped[drop.reason] += 1
+
+    def rows() -> Iterator[Example]:
+        for row in iter_rows(source, split, max_line_bytes):  # one row in memory at a time
+            report.rows += 1
+            try:
+                if report.format == "auto":  # the first row decides the format of the file
+                    report.format = _detect(kind, row.values)
+                else:
+                    _check_shape(row.values, _SHAPES[kind][report.format])
+                example = _BUILD[kind](report.format, row, margin_from_scores)
+                if cleaner is not None:
+                    example = cleaner.normalize(example, cleaned)
+                _CHECK[kind](example)
+                if cleaner is not None:
+                    cleaner.check_duplicate(example, flagged)
+            except RowProblem as problem:
+                raise DataError(row.where, None, str(problem)) from None
+            except Drop as drop:
+                reject(row.where, drop)
+                continue
+            yield example
+
+    def examples() -> Iterator[Example]:
+        stream = rows()
+        if cleaner is not None:
+            stream = cleaner.filter(stream, lambda example, drop: reject(example.where, drop), flagged)
+        for example in stream:
+            report.kept += 1
+            yield example
+        report.dropped, report.cleaned, report.flagged = dict(dropped), dict(cleaned), dict(flagged)
+        if not report.kept:
+            counts = ", ".join(f"{reason}: {n}" for reason, n in dropped.most_common())
+            raise UserError(f"{source}: all {report.rows} rows were dropped ({counts})")
+
+    return examples(), report
+
+
+def detect_kind(source: str, split: str | None = None, max_line_bytes: int = MAX_LINE_BYTES) -> str:
+    """The kind whose formats fit the first row of `source`: preference, then sft, then prompt."""
+    row = next(iter_rows(source, split, max_line_bytes))
+    for kind in ("preference", "sft", "prompt"):
         try:
-            if format == "auto":  # the first row decides the format of the file
-                format = _detect(kind, row.values)
-            else:
-                _check_shape(row.values, _SHAPES[kind][format])
-            example = build(format, row)
-            if drop_duplicates:
-                key = json.dumps(asdict(replace(example, where="")))
-                if key in first_seen:
-                    raise Drop("duplicate", f"a duplicate of the example at {first_seen[key]}")
-                first_seen[key] = row.where
-        except RowProblem as problem:
-            raise DataError(row.where, None, str(problem)) from None
-        except Drop as drop:
-            if strict:
-                problem = f"{drop.why}; strict mode does not drop it"
-                raise DataError(row.where, None, problem) from None
-            dropped[drop.reason] += 1
+            _detect(kind, row.values)
+            return kind
+        except RowProblem:
             continue
-        examples.append(example)
-    if not examples:
-        counts = ", ".join(f"{reason}: {n}" for reason, n in dropped.most_common())
-        raise UserError(f"{source}: all {rows} rows were dropped ({counts})")
-    return examples, LoadReport(source, format, rows, len(examples), dict(dropped))
+    formats = ", ".join(dict.fromkeys(f for names in FORMATS.values() for f in names))
+    raise DataError(row.where, None, f"fits none of the formats ({formats})")
+
+
+_ANNOTATOR_FIELDS = ("annotator", "annotator_id", "worker_id", "rater_id", "labeler")
+
+
+def _tags(values: dict[str, Any]) -> dict[str, str | None]:
+    """The row's annotator id and its own label field, when it has them (for the data report)."""
+    annotator = next((values[k] for k in _ANNOTATOR_FIELDS if values.get(k) not in (None, "")), None)
+    label = values.get("label")
+    return {"annotator": None if annotator is None else str(annotator),
+            "label": None if label is None or isinstance(label, (dict, list)) else str(label)}
+
+
+def _build_sft(fmt: str, row: Row, margin_from_scores: bool) -> SFTExample:
+    prompt, completion = _SFT[fmt](row.values)
+    return SFTExample(prompt, completion, row.where, **_tags(row.values))
+
+
+def _build_preference(fmt: str, row: Row, margin_from_scores: bool) -> PreferenceExample:
+    prompt, chosen, rejected = PAIRS[fmt](row.values)
+    margin = read_margin(row.values, margin_from_scores)
+    return PreferenceExample(prompt, chosen, rejected, margin, row.where, **_tags(row.values))
+
+
+def _build_prompt(fmt: str, row: Row, margin_from_scores: bool) -> PromptExample:
+    prompt = PAIRS[fmt](row.values)[0] if fmt in PAIRS else _PROMPTS[fmt](row.values)
+    return PromptExample(prompt, row.where)
+
+
+def _check_sft(example: SFTExample) -> None:
+    if not example.completion.strip():
+        raise Drop("empty_response", "the completion is empty")
+
+
+def _check_preference(example: PreferenceExample) -> None:
+    if example.chosen == example.rejected:
+        raise Drop("tie", "chosen and rejected are identical (a tie)")
+    for name, response in (("chosen", example.chosen), ("rejected", example.rejected)):
+        if not response.strip():
+            raise Drop("empty_response", f"the {name} response is empty")
+
+
+def _check_prompt(example: PromptExample) -> None:
+    prompt = example.prompt
+    contents = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
+    if not any(content.strip() for content in contents):
+        raise Drop("empty_prompt", "the prompt is empty")
+
+
+_BUILD: dict[str, Callable[[str, Row, bool], Any]] = {
+    "sft": _build_sft, "preference": _build_preference, "prompt": _build_prompt}
+_CHECK: dict[str, Callable[[Any], None]] = {"sft": _check_sft, "preference": _check_preference, "prompt": _check_prompt}
 
 
 def _detect(kind: str, values: dict[str, Any]) -> str:

@@ -20,10 +20,13 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lightrlhf.data.clean import prompt_contents, responses
 from lightrlhf.data.formats import LoadReport, load_preferences, load_prompts, load_sft
+from lightrlhf.data.profile import DataProfile, summary_scalars
 from lightrlhf.data.source import DataSource
 from lightrlhf.data.tokenize import (
     PairFeatures,
+    Pretokenized,
     SFTFeatures,
     TruncationReport,
     encode_pair,
@@ -31,6 +34,7 @@ from lightrlhf.data.tokenize import (
     encode_sft,
     fit_prompt,
     prompt_text,
+    token_counter,
 )
 from lightrlhf.errors import UserError
 from lightrlhf.validation import non_negative, positive
@@ -136,6 +140,7 @@ class _SourceDataModule(L.LightningDataModule):
         self.train_set: ListDataset | None = None
         self.val_set: ListDataset | None = None
         self.summary: dict[str, Any] = {}
+        self._known: Pretokenized | None = None  # while setting up: the ids of every text read
 
     @property
     def evaluator(self):
@@ -143,15 +148,27 @@ class _SourceDataModule(L.LightningDataModule):
 
     def _read(self, loader: Callable[..., tuple[list, LoadReport]]) -> tuple[list, list]:
         src = self.source
-        train, report = loader(src.path, split=src.split, **src.options())
-        self._note("train", report)
+        count_tokens = token_counter(self.tokenizer)
+        train, report = loader(src.path, split=src.split, count_tokens=count_tokens, **src.options())
+        val = None
         if src.validation_path is not None:
-            val, val_report = loader(src.validation_path, split=src.validation_split, **src.options())
+            val, val_report = loader(src.validation_path, split=src.validation_split, count_tokens=count_tokens,
+                                     **src.options())
+        # every text tokenized once, a batch at a time: the summary and the features use the same ids
+        self._known = self._pretokenize(train + (val or []))
+        self._note("train", report)
+        self._profile(train, report)
+        if val is not None:
             self._note("validation", val_report)
         else:
             train, val = src.hold_out(train)
             self.summary["validation/held_out_from_train"] = len(val)
         return train, val
+
+    def _pretokenize(self, examples: list) -> Pretokenized:
+        texts = [prompt_contents(e.prompt) for e in examples]
+        texts += [text for e in examples for text in responses(e)]
+        return Pretokenized.of(self.tokenizer, texts, [e.prompt for e in examples if isinstance(e.prompt, str)])
 
     def _note(self, split: str, report: LoadReport) -> None:
         dropped = ", ".join(f"{k}: {v}" for k, v in sorted(report.dropped.items())) or "none"
@@ -160,10 +177,28 @@ class _SourceDataModule(L.LightningDataModule):
         self.summary.update({f"{split}/format": report.format, f"{split}/rows": report.rows,
                              f"{split}/kept": report.kept})
         self.summary.update({f"{split}/dropped_{k}": v for k, v in report.dropped.items()})
+        self.summary.update({f"{split}/cleaned_{k}": v for k, v in report.cleaned.items()})
+        self.summary.update({f"{split}/flagged_{k}": v for k, v in report.flagged.items()})
+
+    def _profile(self, train: list, report: LoadReport) -> None:
+        """The data report's headline figures of the training split (`lightrlhf.data.profile`), in the summary.
+        Near-duplicate figures only for the MinHash steps that ran: measuring them is the report's job
+        (`python -m lightrlhf.data report`), not every stage start's."""
+        profile = DataProfile(self.kind, self._known.lookup(self.tokenizer))
+        profile.add_all(train)
+        clean = self.source.clean
+        measured = [reason for reason, on in (("near_duplicate", clean.near_duplicates),
+                                              ("near_identical_pair", clean.near_identical_pairs)) if on]
+        result = profile.result(report, measured)
+        self.summary.update(summary_scalars(result, "train"))
+        for warning in result["warnings"]:
+            log.warning("train data %s: %s", report.source, warning)
 
     def _tokenized(self, split: str, items: list, encode: Callable[[Any, TruncationReport], Any]) -> ListDataset:
         report = TruncationReport()
         features = [f for f in (encode(item, report) for item in items) if f is not None]
+        if split == "validation":
+            self._known = None  # both splits are encoded: the ids live on in the features only
         self.summary.update(report.as_dict(split))
         if report.counts:
             log.info("%s data: %s", split, ", ".join(f"{k}: {v}" for k, v in sorted(report.counts.items())))
@@ -196,7 +231,7 @@ class SFTDataModule(_SourceDataModule):
 
         def encode(example, report):
             return encode_sft(self.tokenizer, example.prompt, example.completion, self.max_length,
-                              self.max_prompt_length, report)
+                              self.max_prompt_length, report, self._known)
 
         self.train_set = self._tokenized("train", train, encode)
         self.val_set = self._tokenized("validation", self.val_examples, encode)
@@ -227,7 +262,8 @@ class PreferenceDataModule(_SourceDataModule):
             def encode(item, report):
                 index, example = item
                 features = encode_pair(self.tokenizer, example.prompt, example.chosen, example.rejected,
-                                       example.margin, self.max_length, self.max_prompt_length, report)
+                                       example.margin, self.max_length, self.max_prompt_length, report,
+                                       self._known)
                 return None if features is None else replace(features, index=index)
             return encode
 
@@ -275,7 +311,8 @@ class PromptDataModule(_SourceDataModule):
         def encode(item, report):
             index, example = item
             report.examples += 1
-            ids = fit_prompt(encode_prompt(self.tokenizer, example.prompt), self.max_prompt_length, report)
+            ids = fit_prompt(encode_prompt(self.tokenizer, example.prompt, self._known), self.max_prompt_length,
+                             report)
             return PromptFeatures(ids, prompt_text(self.tokenizer, example.prompt), index)
 
         self.train_examples = train

@@ -1,7 +1,8 @@
 """Rows from a data source, each tagged with where it came from.
 
-A source is a local file (`.jsonl`, `.jsonl.gz`, `.json`, `.csv`, `.parquet`) or a Hugging Face Hub
-dataset id (`owner/name` or `owner/name:config`). Every problem with the source is a one-line
+A source is a local file (`.jsonl`, `.jsonl.gz`, `.json`, `.csv`, `.parquet`), a directory written by
+`datasets`' `save_to_disk` (a Dataset, or a DatasetDict and a split), or a Hugging Face Hub dataset id
+(`owner/name` or `owner/name:config`); the last two are read through `datasets`, one batch at a time. Every problem with the source is a one-line
 `UserError` naming the file and the line; `Row.where` is the prefix of any later error about a row.
 
 - JSONL: one object a line; blank lines are skipped.
@@ -67,8 +68,11 @@ def iter_rows(source: str, split: str | None = None, max_line_bytes: int = MAX_L
     if not exists and _HUB_ID.fullmatch(source) and not _FILE_SUFFIX.search(source):
         yield from _hub_rows(source, split or "train")
         return
+    if is_dir and _is_saved_dataset(path):
+        yield from _disk_rows(path, source, split)
+        return
     if is_dir:
-        raise DataError(source, None, "is a directory, not a data file")
+        raise DataError(source, None, "is a directory, not a data file (nor a datasets save_to_disk directory)")
     if not exists:
         raise DataError(source, None, "no such file")
     suffix = next((s for s in SUFFIXES if path.name.lower().endswith(s)), None)
@@ -326,18 +330,53 @@ def _parquet_rows(data: bytes, source: str) -> list[Row]:
     return [Row(record, f"{source}:row {n}") for n, record in enumerate(records, 1)]
 
 
-def _hub_rows(source: str, split: str) -> list[Row]:
+def _hub_rows(source: str, split: str) -> Iterator[Row]:
     name, _, config = source.partition(":")
     where = f"hub:{source}[{split}]"
     try:
         import datasets  # here, not at the top: importing it takes seconds
 
-        records = list(datasets.load_dataset(name, config or None, split=split))
+        dataset = datasets.load_dataset(name, config or None, split=split)
     except Exception as error:  # noqa: BLE001 - datasets raises many unrelated types for one cause
         raise UserError(
             f"{where}: could not load the dataset from the Hugging Face Hub "
             f"({type(error).__name__}: {_first_line(error)})"
         ) from None
-    if not records:
+    yield from _dataset_rows(dataset, where)
+
+
+_SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return any((path / marker).is_file() for marker in _SAVED_MARKERS)
+
+
+def _disk_rows(path: Path, source: str, split: str | None) -> Iterator[Row]:
+    """A `Dataset` or `DatasetDict` written by `save_to_disk` (a DatasetDict needs `split`, default train)."""
+    try:
+        import datasets
+
+        dataset = datasets.load_from_disk(str(path))
+    except Exception as error:  # noqa: BLE001 - as for the hub: many types, one cause
+        raise DataError(source, None, f"could not load the saved dataset ({type(error).__name__}: "
+                                      f"{_first_line(error)})") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        split = split or "train"
+        if split not in dataset:
+            raise DataError(source, None, f'has no split "{split}" (splits: {", ".join(dataset)})')
+        dataset = dataset[split]
+        source = f"{source}[{split}]"
+    yield from _dataset_rows(dataset, source)
+
+
+def _dataset_rows(dataset, where: str) -> Iterator[Row]:
+    """The rows of a `datasets.Dataset`, read from its memory-mapped Arrow table a batch at a time."""
+    if not len(dataset):
         raise UserError(f"{where}: the split holds no rows")
-    return [Row(dict(record), f"{where}:row {n}") for n, record in enumerate(records, 1)]
+    number = 0
+    for batch in dataset.iter(batch_size=1024):
+        columns = list(batch)
+        for values in zip(*(batch[c] for c in columns)):
+            number += 1
+            yield Row(dict(zip(columns, values)), f"{where}:row {number}")

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from lightrlhf.data.clean import CleaningSpec
 from lightrlhf.data.formats import FORMATS
 from lightrlhf.data.readers import MAX_LINE_BYTES
 from lightrlhf.validation import in_range, positive, require
@@ -41,7 +42,7 @@ class DataSource:
     validation_split: str | None = None
     format: str = "auto"  # "auto" or a format of the stage's kind (`formats.FORMATS`)
     strict: bool = False  # ties and empty responses are errors instead of being dropped and counted
-    drop_duplicates: bool = False
+    clean: CleaningSpec = field(default_factory=CleaningSpec)  # the cleaning steps (conf/data/clean/)
     margin_from_scores: bool = False  # preference data with scores: use score_chosen - score_rejected
     max_line_bytes: int = MAX_LINE_BYTES  # a longer row is refused: it bounds the memory reading takes
     evaluator: Evaluator | None = None
@@ -60,7 +61,7 @@ class DataSource:
         require(self.format in known, "format", f"must be one of {', '.join(known)}; got {self.format!r}")
 
     def options(self) -> dict[str, Any]:
-        return {"format": self.format, "strict": self.strict, "drop_duplicates": self.drop_duplicates,
+        return {"format": self.format, "strict": self.strict, "clean": self.clean,
                 "max_line_bytes": self.max_line_bytes}
 
     def hold_out(self, examples: Sequence[T]) -> tuple[list[T], list[T]]:
