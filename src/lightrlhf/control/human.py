@@ -5,10 +5,13 @@
     <directory>/candidates.jsonl                   every round's pairs so far, in the page's format
     <directory>/labels.jsonl                       the page's append-only labels (read with read_labels)
 
-Serve them with `python -m lightrlhf.feedback serve <directory>/candidates.jsonl <directory>/labels.jsonl`
-(or let the run do it: human.serve). Candidate ids name the iteration and the pair (`it0008-q003`), so a
-run resumed after a kill asks for the same pairs again and finds the answers already given; a label
-file written by a simulated teacher (same ids) is read exactly like a person's.
+While it waits the run serves the page itself (human.serve, on human.host:human.port; a page left open
+picks up the next round when it is reloaded), or, with serve=false, anyone may serve the files with
+`python -m lightrlhf.feedback serve <directory>/candidates.jsonl <directory>/labels.jsonl`. Candidate ids
+name the iteration and the pair (`it0008-q003`), so a run resumed after a kill asks for the same pairs
+again and finds the answers already given. Each candidate's `meta` keeps the clips' hidden true returns
+(never sent to the page), so a person's agreement with the truth can be measured afterwards, and a
+program that answers from them is the oracle: labels are labels, whoever gives them.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from lightrlhf.control.clips import Clips
 from lightrlhf.control.envs import EnvSpec, make_training_envs, set_render_state
 from lightrlhf.errors import UserError
 from lightrlhf.io import atomic_write, atomic_write_text
-from lightrlhf.validation import positive
+from lightrlhf.validation import positive, require
 
 log = logging.getLogger(__name__)
 CANDIDATES, LABELS, CLIPS = "candidates.jsonl", "labels.jsonl", "clips"
@@ -36,11 +39,15 @@ QUESTION = {"cartpole": "Which cart keeps its pole upright, without running off 
 
 @dataclass(frozen=True)
 class HumanSpec:
-    """directory: where candidates, labels and clips go. annotator: only this annotator's labels count
-    (null = anyone's). poll_s: seconds between looks at the labels file. timeout_s: give up after this
-    long (null = never). frame_width: pixels across a clip. frames_per_second: playback speed."""
+    """directory: where candidates, labels and clips go. serve: the run serves the labelling page while
+    it waits, on host:port. annotator: only this annotator's labels count (null = anyone's). poll_s:
+    seconds between looks at the labels file. timeout_s: give up after this long (null = never).
+    frame_width: pixels across a clip. frames_per_second: playback speed."""
 
     directory: str
+    serve: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8765
     annotator: str | None = None
     poll_s: float = 2.0
     timeout_s: float | None = None
@@ -48,6 +55,7 @@ class HumanSpec:
     frames_per_second: int = 25
 
     def __post_init__(self) -> None:
+        require(0 <= self.port < 65536, "port", f"must be in [0, 65535], got {self.port}")
         positive("poll_s", self.poll_s)
         if self.timeout_s is not None:
             positive("timeout_s", self.timeout_s)
@@ -89,7 +97,7 @@ class HumanTeacher:
     def labels_path(self) -> Path:
         return self.directory / LABELS
 
-    def write_round(self, ids: list[str], a: Clips, b: Clips) -> None:
+    def write_round(self, iteration: int, ids: list[str], a: Clips, b: Clips) -> None:
         """Render the round's clips and add its pairs to the candidates file (rewritten atomically:
         earlier rounds kept, this round's ids replaced if a resumed run writes them again)."""
         if self._renderer is None:
@@ -107,8 +115,10 @@ class HumanTeacher:
                 atomic_write(self.directory / name, lambda f, data=gif: f.write(data))
                 media[f"{side}_media"] = name
             length = clips.observations.shape[1]
+            meta = {"task": self.env_spec.task, "iteration": iteration,
+                    "true_return_a": float(a.true_rewards[i].sum()), "true_return_b": float(b.true_rewards[i].sum())}
             rows.append({"id": query_id, "prompt": QUESTION[self.env_spec.task], "a": f"clip A ({length} steps)",
-                         "b": f"clip B ({length} steps)", **media, "meta": {"task": self.env_spec.task}})
+                         "b": f"clip B ({length} steps)", **media, "meta": meta})
         existing = []
         if self.candidates_path.exists():
             fresh = set(ids)
@@ -124,13 +134,24 @@ class HumanTeacher:
 
         wanted, found = set(ids), {}
         for label in read_labels(self.labels_path):
-            if label["id"] in wanted and (self.spec.annotator is None or label["annotator"] == self.spec.annotator):
-                found[label["id"]] = label["choice"]
+            if label.id in wanted and (self.spec.annotator is None or label.annotator == self.spec.annotator):
+                found[label.id] = label.choice
         return found
 
     def ask(self, iteration: int, a: Clips, b: Clips) -> list[str]:
         ids = [f"it{iteration:04d}-q{i:03d}" for i in range(len(a))]
-        self.write_round(ids, a, b)
+        self.write_round(iteration, ids, a, b)
+        if not self.spec.serve:
+            log.info("iteration %d: %d pairs to label; serve them with: python -m lightrlhf.feedback serve %s %s",
+                     iteration, len(ids), self.candidates_path, self.labels_path)
+            return self.wait(iteration, ids)
+        from lightrlhf.feedback.server import serve_in_thread
+
+        with serve_in_thread(self.candidates_path, self.labels_path, self.spec.host, self.spec.port) as url:
+            log.info("iteration %d: %d pairs to label: open %s/", iteration, len(ids), url)
+            return self.wait(iteration, ids)
+
+    def wait(self, iteration: int, ids: list[str]) -> list[str]:
         started = time.monotonic()
         reported = -1
         while True:
@@ -138,9 +159,8 @@ class HumanTeacher:
             if len(found) == len(ids):
                 return [found[i] for i in ids]
             if len(found) != reported:
-                log.info("iteration %d: %d of %d pairs labelled; waiting for labels in %s (serve with: python -m "
-                         "lightrlhf.feedback serve %s %s)", iteration, len(found), len(ids), self.labels_path,
-                         self.candidates_path, self.labels_path)
+                log.info("iteration %d: %d of %d pairs labelled (labels: %s)", iteration, len(found), len(ids),
+                         self.labels_path)
                 reported = len(found)
             if self.spec.timeout_s is not None and time.monotonic() - started > self.spec.timeout_s:
                 raise UserError(f"{self.labels_path}: {len(ids) - len(found)} of iteration {iteration}'s {len(ids)} "

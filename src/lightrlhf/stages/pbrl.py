@@ -236,7 +236,8 @@ class PbRLStage(StageModule):
                  exploration: ExplorationSpec = ExplorationSpec(), eval: ControlEvalSpec = ControlEvalSpec(),
                  env_steps: int = 200_000, optim: OptimizerSpec = OptimizerSpec(lr=3e-4, eps=1e-5),
                  scheduler: SchedulerSpec = SchedulerSpec(name="linear", warmup_steps=0, min_lr_ratio=0.0),
-                 max_grad_norm: float | None = 0.5, seed: int = 0, numerics: NumericsSpec | None = None):
+                 max_grad_norm: float | None = 0.5, stop_when_solved: bool = False, seed: int = 0,
+                 numerics: NumericsSpec | None = None):
         super().__init__(optim, scheduler, max_grad_norm, numerics)
         self.automatic_optimization = False
         # reward=true on the command line arrives as the boolean true
@@ -262,6 +263,9 @@ class PbRLStage(StageModule):
         require(queries.clip_length <= ppo.rollout_steps, "queries.clip_length",
                 f"must fit in one rollout (ppo.rollout_steps={ppo.rollout_steps}), got {queries.clip_length}")
         self.iterations = env_steps // self.steps_per_iteration
+        require(not stop_when_solved or env.solved_return is not None, "stop_when_solved",
+                f"{env.task} has no solved_return (env.solved_return) to stop at")
+        self.stop_when_solved = stop_when_solved
         self.seed = seed
         self.envs = make_training_envs(env)
         obs_dim = self.envs.single_observation_space.shape[0]
@@ -279,6 +283,9 @@ class PbRLStage(StageModule):
         self.schedule = query_schedule(queries.total, queries.rounds, queries.decay)
         # the stage's own state, all of it checkpointed
         self.generator = torch.Generator().manual_seed(seed)
+        # detail: the teachers draw from a generator of their own, so a person (who draws nothing) and a
+        # simulated teacher giving the same answers leave the run on the very same course
+        self.teacher_generator = torch.Generator().manual_seed(seed + 1)
         self.observations = torch.from_numpy(self.envs.reset(seed=seed)[0]).float()
         self.iteration = 0
         self.labels = LabelBuffer()
@@ -390,7 +397,7 @@ class PbRLStage(StageModule):
                 self._human = HumanTeacher(self.human_spec, self.env_spec, stop)
             return self._human.ask(self.iteration, a, b)
         return scripted_answers(self.teachers[self.teacher_name], a.true_rewards, b.true_rewards,
-                                self.env_spec.step_reward_range, self.generator)
+                                self.env_spec.step_reward_range, self.teacher_generator)
 
     # -- step 3: fit the reward model ------------------------------------------------------------
     def clip_returns(self, clips: Clips) -> Tensor:
@@ -609,6 +616,12 @@ class PbRLStage(StageModule):
         for name, value in self.eval_results.items():
             self.log(name, value, prog_bar=name == "eval/true_return", batch_size=1)
         self.last_validated_step = self.global_step
+        if self.stop_when_solved and self.eval_results.get("eval/solved") and not self.trainer.sanity_checking:
+            # the budget is a ceiling: a solved task need not spend the rest (rl-zoo's StopTrainingOnRewardThreshold)
+            log.info("solved after %d environment steps and %d queries: eval/true_return %.1f >= %g; stopping",
+                     self.iteration * self.steps_per_iteration, len(self.labels.choices),
+                     self.eval_results["eval/true_return"], self.env_spec.solved_return)
+            self.trainer.should_stop = True
 
     # -- optimisation and checkpoints ------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
@@ -620,6 +633,7 @@ class PbRLStage(StageModule):
 
     def stage_state(self) -> dict[str, Any]:
         return {"iteration": self.iteration, "generator": self.generator.get_state(),
+                "teacher_generator": self.teacher_generator.get_state(),
                 "observations": self.observations.clone(), "envs": env_state(self.envs),
                 "labels": self.labels.state_dict(), "heldout": self.heldout.state_dict(),
                 "reward_optimizer": self.reward_optimizer.state_dict(),
@@ -630,6 +644,7 @@ class PbRLStage(StageModule):
     def load_stage_state(self, state: dict[str, Any]) -> None:
         self.iteration = int(state["iteration"])
         self.generator.set_state(state["generator"])
+        self.teacher_generator.set_state(state["teacher_generator"])
         self.observations = state["observations"].clone()
         load_env_state(self.envs, state["envs"])
         self.labels.load_state_dict(state["labels"])
