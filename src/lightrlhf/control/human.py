@@ -7,7 +7,7 @@
 
 While it waits the run serves the page itself (human.serve, on human.host:human.port; a page left open
 picks up the next round when it is reloaded), or, with serve=false, anyone may serve the files with
-`python -m lightrlhf.feedback serve <directory>/candidates.jsonl <directory>/labels.jsonl`. Candidate ids
+`python -m lightrlhf.feedback serve <directory>/candidates.jsonl --out <directory>/labels.jsonl`. Candidate ids
 name the iteration and the pair (`it0008-q003`), so a run resumed after a kill asks for the same pairs
 again and finds the answers already given. Each candidate's `meta` keeps the clips' hidden true returns
 (never sent to the page), so a person's agreement with the truth can be measured afterwards, and a
@@ -142,7 +142,7 @@ class HumanTeacher:
         ids = [f"it{iteration:04d}-q{i:03d}" for i in range(len(a))]
         self.write_round(iteration, ids, a, b)
         if not self.spec.serve:
-            log.info("iteration %d: %d pairs to label; serve them with: python -m lightrlhf.feedback serve %s %s",
+            log.info("iteration %d: %d pairs to label; serve them with: python -m lightrlhf.feedback serve %s --out %s",
                      iteration, len(ids), self.candidates_path, self.labels_path)
             return self.wait(iteration, ids)
         from lightrlhf.feedback.server import serve_in_thread

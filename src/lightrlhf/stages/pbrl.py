@@ -229,8 +229,8 @@ class PbRLStage(StageModule):
     default_metric = "eval/true_return"
     stage_name = "pbrl"
 
-    def __init__(self, env: EnvSpec, reward: str | bool = "learned", teacher: str = "oracle",
-                 teachers: dict[str, TeacherSpec] | None = None, human: Any = None,
+    def __init__(self, env: EnvSpec, teachers: dict[str, TeacherSpec], reward: str | bool = "learned",
+                 teacher: str = "oracle", human: Any = None,
                  queries: QuerySpec = QuerySpec(), reward_model: RewardModelSpec = RewardModelSpec(),
                  policy: ActorCriticSpec = ActorCriticSpec(), ppo: ControlPPOSpec = ControlPPOSpec(),
                  exploration: ExplorationSpec = ExplorationSpec(), eval: ControlEvalSpec = ControlEvalSpec(),
@@ -243,7 +243,7 @@ class PbRLStage(StageModule):
         # reward=true on the command line arrives as the boolean true
         self.true_reward = reward is True or reward == "true"
         require(self.true_reward or reward == "learned", "reward", f"must be learned or true, got {reward!r}")
-        self.teachers = dict(teachers or {})
+        self.teachers = dict(teachers)
         require(teacher == "human" or teacher in self.teachers, "teacher",
                 f"must be human or one of the configured teachers {sorted(self.teachers)}, got {teacher!r}")
         unknown = sorted(set(self.teachers) - set(TEACHERS))
