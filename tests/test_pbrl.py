@@ -84,12 +84,12 @@ def test_killed_after_a_checkpoint_and_resumed_gives_the_uninterrupted_curves(un
 @pytest.mark.parametrize("override,line", [
     ("stage.teacher=sage", "error: config stage.teacher: must be human or one of the configured teachers "
                            "['equal', 'mistake', 'myopic', 'noisy', 'oracle', 'skip'], got 'sage'"),
-    ("stage.queries.selection=best", "error: config stage.queries.selection: must be one of "
-                                     "['random', 'disagreement', 'ucb'], got 'best'"),
+    ("stage.queries.selection=best", "error: config stage.queries.selection: expected one of 'random', "
+                                     "'disagreement', 'ucb', got str 'best'"),
     ("stage.teachers.noisy.beta=-1", "error: config stage.teachers.noisy.beta: must be > 0, got -1.0"),
     ("reward=maybe", "error: config stage.reward: must be learned or true, got 'maybe'"),
-    ("env=null", "error: config env: this stage runs in an environment: choose one with env=cartpole or "
-                 "env=pendulum"),
+    ("stage.queries.clip_length=500", "error: config stage.queries.clip_length: must fit in one rollout "
+                                      "(ppo.rollout_steps=128), got 500"),
 ])
 def test_a_bad_setting_is_one_line_and_exit_2(tmp_path, override, line):
     run_dir = tmp_path / "run"
@@ -97,6 +97,17 @@ def test_a_bad_setting_is_one_line_and_exit_2(tmp_path, override, line):
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.splitlines() == [line]
     assert not (run_dir / "run.json").exists()
+
+
+def test_a_control_stage_without_an_environment_is_a_config_error(tmp_path):
+    from lightrlhf.errors import ConfigError
+    from lightrlhf.launch.parts import build_stage
+
+    plain = to_plain(compose(["stage=pbrl"], tmp_path))
+    plain["env"] = None
+    with pytest.raises(ConfigError, match="^config env: this stage runs in an environment: choose one with "
+                                          "env=cartpole or env=pendulum$"):
+        build_stage(plain)
 
 
 def test_the_stage_builds_from_python_in_three_lines(tmp_path):

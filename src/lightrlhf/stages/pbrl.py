@@ -508,7 +508,8 @@ class PbRLStage(StageModule):
         # (callbacks/checkpoint.py, LoggedAtStep), so curves stay exact across a kill and resume.
         if self.logger is not None:
             self.logger.log_metrics(metrics, step=self.trainer.fit_loop.epoch_loop._batches_that_stepped)
-        self.log("progress/queries", metrics["progress/queries"], prog_bar=True, batch_size=1)
+        # the progress bar's copy only: the curve is the one logged above
+        self.log("queries", metrics["progress/queries"], prog_bar=True, logger=False, batch_size=1)
         if self.iteration >= self.iterations:
             self.trainer.should_stop = True
 
