@@ -244,3 +244,68 @@ def test_mix_epsilon_one_samples_only_from_the_reference(policy):
     assert unmixed.response_ids.tolist() == adapted.response_ids.tolist()
     # after the block the adapter is active again
     assert _greedy(model, tokenizer, PROMPTS).response_ids.tolist() == adapted.response_ids.tolist()
+
+
+# --- the reserved KV cache and grouped prompts ---------------------------------------------------
+
+
+def test_preallocated_cache_holds_what_a_growing_cache_holds(tiny_spec):
+    """Written in place, the cache's keys/values equal DynamicCache's concatenations at every step,
+    including past its announced capacity, after repeating rows and after cropping."""
+    from transformers import DynamicCache
+
+    from lightrlhf.models.kv_cache import preallocated_cache
+
+    config = load_causal_lm(tiny_spec).module.get_base_model().config
+    reserved, growing = preallocated_cache(config, capacity=4), DynamicCache()
+    assert type(reserved).__name__ != "DynamicCache"
+    generator = torch.Generator().manual_seed(0)
+    for length in (3, 1, 1, 2):  # 7 positions: past the capacity of 4
+        k, v = torch.randn(2, 4, length, 32, generator=generator), torch.randn(2, 4, length, 32, generator=generator)
+        for layer in (0, 1):
+            got, want = reserved.update(k, v, layer), growing.update(k, v, layer)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert reserved.get_seq_length() == growing.get_seq_length()
+    reserved.batch_repeat_interleave(3)
+    growing.batch_repeat_interleave(3)
+    k, v = torch.randn(6, 4, 1, 32, generator=generator), torch.randn(6, 4, 1, 32, generator=generator)
+    assert torch.equal(reserved.update(k, v, 0)[0], growing.update(k, v, 0)[0])
+    reserved.crop(-2)
+    growing.crop(-2)
+    assert torch.equal(reserved.layers[0].keys, growing.layers[0].keys)
+
+
+def test_models_with_other_attention_keep_transformers_cache():
+    from transformers import DynamicCache, LlamaConfig, MistralConfig, Qwen2Config
+
+    from lightrlhf.models.kv_cache import preallocated_cache
+
+    assert type(preallocated_cache(MistralConfig(sliding_window=64), 8)) is DynamicCache
+    assert type(preallocated_cache(None, 8)) is DynamicCache  # a model without a config
+    for config in (LlamaConfig(), Qwen2Config()):  # Qwen2's window is off unless use_sliding_window
+        assert type(preallocated_cache(config, 8)) is not DynamicCache
+
+
+def test_a_prompt_sampled_k_times_runs_once_and_draws_what_k_copies_draw(policy):
+    """`repeats=k` equals sampling k left-padded copies of each prompt with the same generator (the
+    prompt forward differs only in rounding), and feeds each prompt through the model once."""
+    model, tokenizer = policy
+    ids, mask = _encode(tokenizer, PROMPTS[:3])
+    kwargs = dict(max_new_tokens=10, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                  temperature=1.0)
+    grouped = sample(model, ids, mask, repeats=4, generator=torch.Generator().manual_seed(3), **kwargs)
+    copies = sample(model, ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0),
+                    generator=torch.Generator().manual_seed(3), **kwargs)
+    assert grouped.response_ids.shape[0] == 12
+    assert torch.equal(grouped.sequences, copies.sequences)
+    assert torch.equal(grouped.attention_mask, copies.attention_mask)
+    assert len({tuple(r) for r in grouped.response_ids[:4].tolist()}) > 1  # a group's samples differ
+
+    fed = []
+    hook = model.get_base_model().model.embed_tokens.register_forward_hook(lambda m, args, out: fed.append(args[0].shape))
+    try:
+        sample(model, ids, mask, repeats=4, generator=torch.Generator().manual_seed(3), **kwargs)
+    finally:
+        hook.remove()
+    assert fed[0] == ids.shape  # the prompts once: 3 rows, not 12
+    assert all(shape == (12, 1) for shape in fed[1:])

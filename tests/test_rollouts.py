@@ -96,3 +96,57 @@ def test_the_reference_samples_with_the_adapter_off(actor, tiny_tokenizer):
             for param in actor.module.parameters():
                 if param.requires_grad:
                     param.sub_(0.5)
+
+
+def test_a_group_runs_its_prompt_once_and_scores_as_whole_rows_do(actor, tiny_tokenizer):
+    """Log-probs, entropy and the policy's gradient from the shared-prompt forward of a group equal
+    those of k full prompt + response rows (to float rounding), in every chunking."""
+    saved = {n: p.detach().clone() for n, p in actor.module.named_parameters() if "lora_B" in n}
+    try:
+        _check_group_scoring(actor, tiny_tokenizer)
+    finally:  # the module's other tests need the fresh adapter back
+        with torch.no_grad():
+            for name, p in actor.module.named_parameters():
+                if name in saved:
+                    p.copy_(saved[name])
+
+
+def _check_group_scoring(actor, tiny_tokenizer):
+    from dataclasses import replace
+
+    from lightrlhf.rollouts.rollout import policy_statistics, token_statistics
+
+    with torch.no_grad():  # an adapter that differs from the reference, so the two forwards differ
+        for name, p in actor.module.named_parameters():
+            if "lora_B" in name and ".policy." in name:
+                p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(1))
+    spec = GenerationSpec(max_new_tokens=8, temperature=0.7)
+    responses = sample_responses(actor, _ids(tiny_tokenizer), PROMPTS, PROMPTS, spec,
+                                 torch.Generator().manual_seed(2), group_size=4)
+    rows_whole = replace(responses, group_size=1)  # the same rows, each run with its own prompt
+    want = token_statistics(actor, rows_whole, 0.7, None, with_values=False)
+    assert not torch.allclose(want["logprobs"], want["ref_logprobs"])
+    for forward_batch_size in (None, 4, 6):  # 6 rounds down to whole groups of 4
+        got = token_statistics(actor, responses, 0.7, forward_batch_size, with_values=False)
+        mask = responses.mask.bool()
+        for key in ("logprobs", "ref_logprobs", "entropy"):
+            assert torch.allclose(got[key][mask], want[key][mask], atol=1e-5), key
+
+    grads = []
+    for batch in (responses, rows_whole):
+        actor.module.zero_grad()
+        stats = policy_statistics(actor, batch, 0.7)
+        (stats["logprobs_graph"] * batch.mask).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for _, p in actor.module.named_parameters() if p.grad is not None]))
+    actor.module.zero_grad()
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_group_order_shuffles_whole_groups_by_hand():
+    from lightrlhf.rollouts.rollout import group_order
+
+    generator = torch.Generator().manual_seed(0)
+    groups = torch.randperm(3, generator=torch.Generator().manual_seed(0)).tolist()  # the same draw
+    order = group_order(6, 2, generator).tolist()
+    assert order == [row for g in groups for row in (2 * g, 2 * g + 1)]
+    assert sorted(order) == list(range(6)) and groups != [0, 1, 2]

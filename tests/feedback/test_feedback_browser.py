@@ -8,6 +8,7 @@ skipped with the command that installs them.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from conftest import train_cli
@@ -40,6 +41,9 @@ def browser():
     except ImportError:
         paths = None
     if paths is None:
+        # CI (.ci/run) installs the browser and sets this: there a missing browser is a failure, not a skip
+        if os.environ.get("LIGHTRLHF_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"LIGHTRLHF_REQUIRE_BROWSER=1 but no browser was found: {INSTALL}")
         pytest.skip(INSTALL)
     driver = headless_chromium(*paths)
     yield driver

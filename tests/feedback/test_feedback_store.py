@@ -9,7 +9,8 @@ from feedback_support import write_candidates
 
 from lightrlhf.errors import DataError, UserError
 from lightrlhf.feedback.candidates import read_candidates
-from lightrlhf.feedback.labels import LabelRejected, LabelStore, read_label_file, read_labels
+from lightrlhf.feedback.labels import LabelRejected, read_label_file, read_labels
+from lightrlhf.feedback.store import LabelStore
 
 PAIR = {"id": "p1", "prompt": "q", "a": "x", "b": "y"}
 
@@ -159,3 +160,31 @@ def test_an_unwritable_label_file_is_one_line_and_a_missing_one_is_an_error_for_
         assert str(error.value) == f"{where}: cannot write the labels there ({why})"
     with pytest.raises(DataError, match="no such file"):
         read_labels(tmp_path / "none.jsonl")
+
+
+def test_a_write_the_disk_refuses_is_rolled_back_and_reported_as_507(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    path = tmp_path / "labels.jsonl"
+    with LabelStore(path) as store:
+        store.append("p1", "ana", "a")
+        before = path.read_bytes()
+        real_fsync, calls = os.fsync, []
+
+        def full_disk(fd):  # the line reached the file, then the disk said no
+            calls.append(fd)
+            if len(calls) == 1:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", full_disk)
+        with pytest.raises(LabelRejected) as error:
+            store.append("p2", "ana", "b")
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        assert error.value.status == 507
+        assert str(error.value) == (f"{path}: cannot save the label (No space left on device); every earlier "
+                                    "label is kept")
+        assert path.read_bytes() == before and store.labelled_ids("ana") == {"p1"}
+        store.append("p2", "ana", "b")  # once the disk has room again
+    assert [label.id for label in read_labels(path)] == ["p1", "p2"]

@@ -66,6 +66,9 @@ def run(args: argparse.Namespace) -> None:
         if args.reward_model is not None:
             if not args.candidates:
                 raise UserError("--reward-model: give --candidates too (the texts the labels are of)")
+            from lightrlhf.launch.quiet import quiet
+
+            quiet()  # the known-harmless notices of transformers and peft, as train.py filters them
             candidates = read_all_candidates(args.candidates)
             wanted = {label.id for label in log.labels if label.choice in ("a", "b")}
             scores = reward_model_scores(args.reward_model, [c for id, c in candidates.items() if id in wanted])

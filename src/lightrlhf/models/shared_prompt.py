@@ -10,7 +10,8 @@ prompt's k responses, which then run against it (as sampling feeds a chunk of to
 
 log pi(y_t) is the same function of the weights as in one [B * k, P + R] forward, gradients
 included (they reach the prompt's positions through the repeated cache); only the rounding of
-the kernels differs. With P = R and k = 2 the model runs on 3/4 of the token positions.
+the kernels differs. With P = R and k = 2 the model runs on 3/4 of the token positions; a GRPO/RLOO
+group of k = 4 samples of one prompt (P = R) on 5/8 of them, in its reference and policy forwards.
 """
 
 from __future__ import annotations
@@ -65,9 +66,10 @@ def split_prompts(rows: list[tuple[Tensor, Tensor, Tensor]], pad_id: int) -> Pro
                            response_mask.to(device), k)
 
 
-def response_logprobs(model, batch: PromptResponses) -> tuple[Tensor, Tensor]:
-    """(sum_t log pi(y_t), length) per response row [B * k] of a causal LM (the active adapter's
-    role: call it inside the role's context). See the module docstring."""
+def response_logits(model, batch: PromptResponses) -> Tensor:
+    """[B * k, R, V]: position t holds the logits that predict response token t (the last prompt
+    position predicts token 0), as `model(prompt + response)[:, P - 1:-1]` would give them. Call it
+    inside the role's context; gradients flow (see the module docstring)."""
     from transformers import DynamicCache
 
     k, cache = batch.group_size, DynamicCache()
@@ -75,22 +77,35 @@ def response_logprobs(model, batch: PromptResponses) -> tuple[Tensor, Tensor]:
     prompt = model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
                    position_ids=positions_from_mask(batch.prompt_mask), use_cache=True, logits_to_keep=1,
                    **cached).logits
-    # the last prompt position predicts every response's first token
-    first = token_logprobs(prompt.repeat_interleave(k, dim=0), batch.response_ids[:, :1])
-    per_token = [first]
+    logits = [prompt.repeat_interleave(k, dim=0)]
     if batch.response_ids.shape[1] > 1:
         cache.batch_repeat_interleave(k)
         # the last response token predicts nothing: it is not fed
         inputs, mask = batch.response_ids[:, :-1], batch.response_mask[:, :-1]
         full_mask = torch.cat([batch.prompt_mask.repeat_interleave(k, dim=0), mask], dim=1)
         positions = positions_from_mask(full_mask)[:, batch.prompt_ids.shape[1]:]
-        logits = model(input_ids=inputs, attention_mask=full_mask, position_ids=positions, use_cache=True,
-                       **cached).logits
-        per_token.append(token_logprobs(logits, batch.response_ids[:, 1:]))
+        logits.append(model(input_ids=inputs, attention_mask=full_mask, position_ids=positions, use_cache=True,
+                            **cached).logits)
+    return torch.cat(logits, dim=1)
+
+
+def response_logprobs(model, batch: PromptResponses) -> tuple[Tensor, Tensor]:
+    """(sum_t log pi(y_t), length) per response row [B * k] of a causal LM (the active adapter's
+    role: call it inside the role's context). See the module docstring."""
+    per_token = token_logprobs(response_logits(model, batch), batch.response_ids)
     scored = batch.response_mask.bool()
     # detail: select with `where`, not multiply: a padded position's log-prob may be -inf.
-    total = torch.where(scored, torch.cat(per_token, dim=1), 0.0).sum(1)
+    total = torch.where(scored, per_token, 0.0).sum(1)
     return total, scored.sum(1).float()
+
+
+def grouped(sequences: Tensor, attention_mask: Tensor, prompt_width: int, response_mask: Tensor,
+            group_size: int) -> PromptResponses:
+    """A sampled batch whose rows i*k .. i*k + k-1 answer prompt i (left-padded prompts of width P, then
+    right-padded responses), as prompts once and responses grouped: what `sample(repeats=k)` returns."""
+    k = group_size
+    return PromptResponses(sequences[::k, :prompt_width], attention_mask[::k, :prompt_width],
+                           sequences[:, prompt_width:], response_mask.long(), k)
 
 
 def checkpointing(model) -> bool:

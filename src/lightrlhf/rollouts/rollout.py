@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from lightrlhf.models.generation import decode_responses, left_pad, sample
+from lightrlhf.models.shared_prompt import checkpointing, grouped, response_logits
 from lightrlhf.rl.logprobs import entropy_from_logits, token_logprobs
 from lightrlhf.rollouts.specs import GenerationSpec
 
@@ -103,9 +104,9 @@ def sample_responses(roles: PolicyRoles, prompt_ids: Sequence[Sequence[int]], pr
                      reference: bool = False, explore_epsilon: float = 0.0) -> Responses:
     """Sample `group_size` responses per prompt from the policy (or the reference) and decode them."""
     tok = roles.tokenizer
-    ids, mask = left_pad(repeat_each(prompt_ids, group_size), tok.pad_token_id)
+    ids, mask = left_pad(prompt_ids, tok.pad_token_id)
     explore = explore_epsilon > 0 and not reference
-    gen = sample(roles.module, ids, mask, max_new_tokens=spec.max_new_tokens, eos_token_id=tok.eos_token_id,
+    gen = sample(roles.module, ids, mask, repeats=group_size, max_new_tokens=spec.max_new_tokens, eos_token_id=tok.eos_token_id,
                  pad_token_id=tok.pad_token_id, temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p,
                  generator=generator, stop_at_eos=not spec.ignore_eos,
                  model_context=roles.reference_context if reference else roles.policy_context,
@@ -116,10 +117,37 @@ def sample_responses(roles: PolicyRoles, prompt_ids: Sequence[Sequence[int]], pr
                      decode_responses(tok, gen), group_size)
 
 
-def chunks(rows: int, size: int | None) -> list[slice]:
-    """Row slices of at most `size` (all rows at once when None): bounds a forward's memory."""
-    size = size or rows
+def chunks(rows: int, size: int | None, align: int = 1) -> list[slice]:
+    """Row slices of at most `size` (all rows at once when None): bounds a forward's memory. With
+    `align` k, a slice holds whole groups of k rows (rounded up to one group at least)."""
+    size = rows if size is None else max(align, size // align * align)
     return [slice(i, min(i + size, rows)) for i in range(0, rows, size)]
+
+
+def scoring_logits(roles: PolicyRoles, responses: Responses, rows: slice | Tensor, reference: bool = False,
+                   group_size: int | None = None) -> Tensor:
+    """[n, R, V] logits of the policy (or the reference) that predict each response token of `rows`.
+
+    A group of k responses to one prompt runs its prompt once (models/shared_prompt.py): the forward
+    covers P + k*R positions instead of k*(P + R). `rows` must then hold whole groups, in order;
+    `group_size=1` runs every row whole (rows in any order). Activation checkpointing drops the KV
+    cache the shared prompt needs, so a checkpointed model runs the rows whole too."""
+    k = responses.group_size if group_size is None else group_size
+    if k > 1 and not checkpointing(roles.module):
+        batch = grouped(responses.sequences[rows], responses.attention_mask[rows], responses.prompt_width,
+                        responses.mask[rows], k)
+        with roles.reference_context() if reference else roles.policy_context():
+            return response_logits(roles.module, batch)
+    forward = roles.reference_logits if reference else roles.policy_logits
+    return forward(responses.sequences[rows], responses.attention_mask[rows],
+                   last=response_logit_positions(responses))[:, :-1]
+
+
+def group_order(rows: int, group_size: int, generator: torch.Generator) -> Tensor:
+    """A random order of whole groups, each group's rows kept together and in order: [2, 0, 1] with
+    k = 2 gives rows [4, 5, 0, 1, 2, 3]."""
+    groups = torch.randperm(rows // group_size, generator=generator)
+    return (groups[:, None] * group_size + torch.arange(group_size)).flatten()
 
 
 @torch.no_grad()
@@ -128,16 +156,15 @@ def token_statistics(roles: PolicyRoles, responses: Responses, temperature: floa
     """Policy and reference log-probs, policy entropy (and values) over the response positions;
     `with_policy=False` leaves out the policy's (see `policy_statistics`)."""
     seq, attn, width = responses.sequences, responses.attention_mask, responses.prompt_width
-    keep = response_logit_positions(responses)
     out: dict[str, list[Tensor]] = {"logprobs": [], "ref_logprobs": [], "entropy": [], "values": []}
-    for rows in chunks(seq.shape[0], forward_batch_size):
+    for rows in chunks(seq.shape[0], forward_batch_size, responses.group_size):
         tokens = responses.responses[rows]
         if with_policy:
-            logits = roles.policy_logits(seq[rows], attn[rows], last=keep)[:, :-1]
+            logits = scoring_logits(roles, responses, rows)
             out["logprobs"].append(token_logprobs(logits, tokens, temperature))
             out["entropy"].append(entropy_from_logits(logits, temperature))
             del logits
-        ref = roles.reference_logits(seq[rows], attn[rows], last=keep)[:, :-1]
+        ref = scoring_logits(roles, responses, rows, reference=True)
         out["ref_logprobs"].append(token_logprobs(ref, tokens, temperature))
         del ref
         if with_values:
@@ -148,8 +175,7 @@ def token_statistics(roles: PolicyRoles, responses: Responses, temperature: floa
 def policy_statistics(roles: PolicyRoles, responses: Responses, temperature: float) -> dict[str, Tensor]:
     """The policy's log-probs and entropy over the response positions in one forward *with* gradient:
     `logprobs_graph` keeps the graph for an update to backpropagate, `logprobs` is its detached value."""
-    logits = roles.policy_logits(responses.sequences, responses.attention_mask,
-                                 last=response_logit_positions(responses))[:, :-1]
+    logits = scoring_logits(roles, responses, slice(None))
     logprobs = token_logprobs(logits, responses.responses, temperature)
     with torch.no_grad():
         entropy = entropy_from_logits(logits.detach(), temperature)

@@ -49,7 +49,7 @@ from lightrlhf.rl.group import (
     sequence_kl,
 )
 from lightrlhf.rl.ppo import AGGREGATIONS, Aggregation
-from lightrlhf.rollouts.rollout import Rollout, response_logit_positions, roll_out, scoring_temperature
+from lightrlhf.rollouts.rollout import Rollout, group_order, roll_out, scoring_logits, scoring_temperature
 from lightrlhf.rollouts.specs import EvalSpec, GenerationSpec
 from lightrlhf.stages.online import OnlineStage, merge_micro_batches
 from lightrlhf.training.alerts import AlertSpec
@@ -195,15 +195,20 @@ class GRPOStage(OnlineStage):
         params = [p for g in optimizer.optimizer.param_groups for p in g["params"]]
         stats: dict[str, list[float]] = {}
         steps = 0
+        k = self.group.group_size
+        # detail: minibatches of whole groups let each forward run a group's prompt once (as the rollout's
+        # did, so the first ratio is exactly 1, not 1 up to rounding); their advantages sum to zero per group.
+        by_group = minibatch % k == 0 and micro % k == 0
         for _iteration in range(self.group.num_iterations):
-            order = torch.randperm(rows, generator=self.sampler)
+            order = group_order(rows, k, self.sampler) if by_group else torch.randperm(rows, generator=self.sampler)
             for start in range(0, rows, minibatch):
                 chosen = order[start:start + minibatch]
                 # detail: every micro-batch divides by the whole minibatch's count, so they add up to its loss
                 normalizer = aggregation_normalizer(batch.rollout.mask[chosen], self.group.loss_aggregation,
                                                     self.generation.max_new_tokens)
                 optimizer.zero_grad()
-                parts = [self._loss(batch, chosen[i:i + micro], normalizer) for i in range(0, len(chosen), micro)]
+                parts = [self._loss(batch, chosen[i:i + micro], normalizer, by_group)
+                         for i in range(0, len(chosen), micro)]
                 merged = merge_micro_batches(parts, additive=("policy/loss", "policy/kl_loss"))
                 losses = torch.tensor([merged["policy/loss"]])
                 steps += self.minibatch_step(optimizer, scheduler, params, losses, merged, stats)
@@ -212,14 +217,14 @@ class GRPOStage(OnlineStage):
         out["numerics/skipped_batches"] = float(self.guard.skipped_total)
         return out
 
-    def _loss(self, batch: GroupBatch, idx: Tensor, normalizer: Tensor) -> dict[str, float]:
-        """Backpropagate one micro-batch's share of the minibatch loss; its statistics with token weights."""
+    def _loss(self, batch: GroupBatch, idx: Tensor, normalizer: Tensor, by_group: bool) -> dict[str, float]:
+        """Backpropagate one micro-batch's share of the minibatch loss; its statistics with token weights.
+        `by_group`: `idx` holds whole groups in order (the prompt runs once per group)."""
         roll = batch.rollout
         if roll.logprobs_graph is not None:  # the rollout's forward is this one (reuse_rollout_forward)
             logp = roll.logprobs_graph[idx]
         else:
-            last = response_logit_positions(roll)
-            logits = self.model.policy_logits(roll.sequences[idx], roll.attention_mask[idx], last=last)[:, :-1]
+            logits = scoring_logits(self.model, roll, idx, group_size=None if by_group else 1)
             logp = token_logprobs(logits, roll.responses[idx], scoring_temperature(self.generation))
         kl_coef = self.kl_spec.coef if self.kl_spec.kl_in == "loss" else 0.0
         out = group_policy_objective(logp, roll.logprobs[idx], roll.ref_logprobs[idx], batch.advantages[idx],
