@@ -32,7 +32,7 @@ class TruthfulLabeller(threading.Thread):
         self.folder, self.stop, self.answered = folder, threading.Event(), 0
 
     def run(self) -> None:
-        from lightrlhf.feedback.labels import LabelStore
+        from lightrlhf.feedback.store import LabelStore
 
         candidates, done = self.folder / "candidates.jsonl", set()
         while not self.stop.is_set():
