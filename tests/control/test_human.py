@@ -8,6 +8,7 @@ labels three rendered clip pairs on the real page (skipped without Chromium, as 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -95,6 +96,9 @@ def browser():
     except ImportError:
         paths = None
     if paths is None:
+        # CI (.ci/run) installs the browser and sets this: there a missing browser is a failure, not a skip
+        if os.environ.get("LIGHTRLHF_REQUIRE_BROWSER") == "1":
+            pytest.fail("LIGHTRLHF_REQUIRE_BROWSER=1 but no browser was found")
         pytest.skip("no headless browser: install Chromium and its driver to run this test, e.g. "
                     "`apt-get install -y chromium chromium-driver` (Debian/Ubuntu), and `pip install selenium`")
     driver = headless_chromium(*paths)
