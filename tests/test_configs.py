@@ -74,6 +74,9 @@ def _build_stage_parts(plain):
     from lightrlhf.launch.parts import build_stage
 
     stage, datamodule = build_stage(plain)
+    if plain.get("env") is not None:  # a control stage (stage=pbrl): its loop is its own, no data
+        assert datamodule is None and stage.env_spec.task == plain["env"]["task"]
+        return
     assert stage.datamodule is datamodule
 
 

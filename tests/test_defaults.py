@@ -64,6 +64,10 @@ DIFFERS = {
     "PromptDataModule.max_eval_prompts": "conf/stage/ppo.yaml ties it to stage.eval.num_prompts by "
                                          "interpolation; from Python, None (every validation prompt) follows "
                                          "whatever EvalSpec.num_prompts the stage is given",
+    "OptimizerSpec.eps": "conf/stage/pbrl.yaml uses cleanrl's Adam epsilon 1e-5 for the control actor-critic; "
+                         "the language-model stages keep AdamW's usual 1e-8",
+    "SchedulerSpec.min_lr_ratio": "conf/stage/pbrl.yaml anneals PPO's learning rate to 0 at the end of the budget "
+                                  "(cleanrl's anneal_lr); the other stages decay to a floor",
 }
 
 # Class.parameter -> why a home may leave it out and run with the Python default.

@@ -143,3 +143,32 @@ def test_text_case_is_done_at_last_valid_token_without_bootstrap():
     default = gae(rewards, values, mask, gamma=0.9, lam=0.8)
     explicit = gae(rewards, values, mask, gamma=0.9, lam=0.8, dones=dones, next_value=torch.zeros(4))
     assert torch.equal(default[0], explicit[0]) and torch.equal(default[1], explicit[1])
+
+
+def test_bootstrap_truncations_adds_the_discounted_final_value_only_where_cut():
+    from lightrlhf.rl.gae import bootstrap_truncations
+
+    rewards = torch.tensor([[1.0, 2.0, 3.0]])
+    truncated = torch.tensor([[0, 1, 0]])
+    final_values = torch.tensor([[100.0, 10.0, 100.0]])  # read only where truncated
+    # 2 + 0.5 * 10 = 7 at the cut, the others unchanged
+    out = bootstrap_truncations(rewards, truncated, final_values, gamma=0.5)
+    assert_close(out, torch.tensor([[1.0, 7.0, 3.0]]), rtol=0, atol=0)
+
+
+def test_a_time_limit_end_bootstraps_while_a_true_end_does_not():
+    from lightrlhf.rl.gae import bootstrap_truncations
+
+    # one environment, two episodes of two steps: the first cut by the time limit (V(final) = 4),
+    # the second ends for real at the last step; gamma = 0.5, lam = 1
+    rewards = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    values = torch.tensor([[2.0, 2.0, 2.0, 2.0]])
+    dones = torch.tensor([[0, 1, 0, 1]])
+    truncated = torch.tensor([[0, 1, 0, 0]])
+    final_values = torch.tensor([[0.0, 4.0, 0.0, 0.0]])
+    r = bootstrap_truncations(rewards, truncated, final_values, gamma=0.5)
+    adv, ret = gae(r, values, torch.ones(1, 4), gamma=0.5, lam=1.0, dones=dones)
+    # episode 1: R_1 = 1 + 0.5 * 4 = 3 ; R_0 = 1 + 0.5 * 3 = 2.5
+    # episode 2: R_3 = 1 ; R_2 = 1 + 0.5 * 1 = 1.5
+    assert_close(ret, torch.tensor([[2.5, 3.0, 1.5, 1.0]]), rtol=0, atol=1e-6)
+    assert_close(adv, ret - values, rtol=0, atol=1e-6)

@@ -53,3 +53,20 @@ def test_extreme_differences_stay_finite():
 def test_unknown_reduction():
     with pytest.raises(ValueError, match="reduction"):
         bradley_terry_loss(CHOSEN, REJECTED, reduction="sum")
+
+
+def test_soft_bradley_terry_by_hand_for_a_b_and_tie():
+    from lightrlhf.rl.preference import soft_bradley_terry_loss
+
+    a, b = torch.tensor([2.0, 2.0, 2.0]), torch.tensor([0.0, 0.0, 0.0])
+    # y = 1: -log sigmoid(2) = 0.126928 ; y = 0: -log sigmoid(-2) = log(1 + e^2) = 2.126928
+    # y = 1/2: 0.5 * 0.126928 + 0.5 * 2.126928 = 1.126928
+    out = soft_bradley_terry_loss(a, b, torch.tensor([1.0, 0.0, 0.5]), reduction="none")
+    assert_close(out, torch.tensor([0.126928, 2.126928, 1.126928]), rtol=0, atol=1e-6)
+    # a hard label is the plain loss; a tie is plain loss with label smoothing 1/2
+    assert_close(out[0], bradley_terry_loss(a[:1], b[:1]), rtol=0, atol=1e-7)
+    assert_close(out[2], bradley_terry_loss(a[:1], b[:1], label_smoothing=0.5), rtol=0, atol=1e-7)
+    # a tie is smallest when the two returns are equal: the gradient pulls them together
+    d = torch.tensor([1.0], requires_grad=True)
+    soft_bradley_terry_loss(d, torch.zeros(1), torch.tensor([0.5])).backward()
+    assert_close(d.grad, torch.tensor([torch.sigmoid(torch.tensor(1.0)).item() - 0.5]), rtol=0, atol=1e-6)

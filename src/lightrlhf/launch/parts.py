@@ -26,10 +26,14 @@ ROLE_BLOCKS = ("policy", "value", "reward", "numerics")
 
 
 def build_stage(plain: dict[str, Any]) -> tuple[Stage, Any]:
-    """(stage, its datamodule) from the `stage` and `data` nodes; the stage keeps the stage contract."""
+    """(stage, its datamodule) from the `stage` and `data` nodes; the stage keeps the stage contract.
+    A control stage (one that takes an `env`: stage=pbrl) is built from the `stage` and `env` nodes
+    instead, and has no datamodule (its loop is its own iterations)."""
     from lightrlhf.models.loading import load_tokenizer
 
     stage_node = dict(plain["stage"])
+    if "env" in parameters(locate(str(stage_node["_target_"]), "stage"))[0]:
+        return build_control_stage(plain), None
     spec = build(plain["model"], "model")
     tokenizer = load_tokenizer(spec)
     source = build(plain["data"], "data")
@@ -43,6 +47,17 @@ def build_stage(plain: dict[str, Any]) -> tuple[Stage, Any]:
                   **_accepted(stage_node, roles, "stage"))
     _check_contract(stage, str(stage_node["_target_"]))
     return stage, datamodule
+
+
+def build_control_stage(plain: dict[str, Any]) -> Stage:
+    """A stage that learns in an environment (`env=cartpole`, `env=pendulum`) rather than from data."""
+    if plain.get("env") is None:
+        raise ConfigError("env", "this stage runs in an environment: choose one with env=cartpole or env=pendulum")
+    env = build(plain["env"], "env")
+    stage_node = dict(plain["stage"])
+    stage = build(stage_node, "stage", env=env)
+    _check_contract(stage, str(stage_node["_target_"]))
+    return stage
 
 
 def _accepted(node: dict[str, Any], roles: dict[str, Any], key: str) -> dict[str, Any]:

@@ -34,7 +34,7 @@ log = logging.getLogger("lightrlhf")
 RUN_RECORD = "run.json"
 CONFIG_FILE = "config.yaml"
 # Config groups that define what a run *is*; a resumed run may not switch them.
-IDENTITY_GROUPS = ("stage", "model", "data")
+IDENTITY_GROUPS = ("stage", "model", "data", "env")
 
 
 def override_key(text: str) -> str:

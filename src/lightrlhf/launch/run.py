@@ -31,7 +31,7 @@ from lightrlhf.validation import positive
 
 log = logging.getLogger("lightrlhf")
 TOP_LEVEL_PARTS = ("stage", "model", "data", "trainer", "logger", "callbacks", "paths", "demo", "hydra",
-                   "policy", "value", "reward", "pipeline", "numerics")
+                   "policy", "value", "reward", "pipeline", "numerics", "env")
 
 
 @dataclass(frozen=True)

@@ -61,3 +61,15 @@ def gae(
         next_values = values[:, t]
     returns = torch.where(valid, advantages + values, 0)
     return advantages, returns
+
+
+def bootstrap_truncations(rewards: Tensor, truncated: Tensor, final_values: Tensor, gamma: float) -> Tensor:
+    """r_t + gamma * V(s_final) at the steps where a time limit cut the episode, r_t elsewhere.
+
+    A time-limit end is not a terminal state: the return would have gone on. Passing these rewards to
+    `gae` with done_t = 1 at those steps bootstraps from the value of the true final observation
+    (Huang et al. 2022, "The 37 Implementation Details of PPO", detail 5; Pardo et al. 2018, "Time
+    Limits in Reinforcement Learning"). rewards, truncated (0/1 or bool), final_values: [B, T];
+    final_values is read only where truncated.
+    """
+    return rewards + gamma * torch.where(truncated.bool(), final_values, 0)

@@ -41,3 +41,19 @@ def bradley_terry_loss(
     if center_coef:
         loss = loss + center_coef * (chosen_rewards + rejected_rewards) ** 2
     return loss.mean() if reduction == "mean" else loss
+
+
+def soft_bradley_terry_loss(return_a: Tensor, return_b: Tensor, target_a: Tensor,
+                            reduction: Literal["mean", "none"] = "mean") -> Tensor:
+    """Cross-entropy of Bradley-Terry's P(a > b) = sigmoid(R_a - R_b) against a soft label:
+
+    loss = -y log sigmoid(R_a - R_b) - (1 - y) log sigmoid(R_b - R_a)
+
+    y = 1 when a was preferred, 0 when b was, 1/2 for a tie: Christiano et al. 2017, eq. 1, where a
+    pair judged equally good puts half its mass on each clip. R_a, R_b: [B] predicted returns of the
+    two clips (sums of per-step rewards), target_a: [B] in [0, 1]. Returns a scalar or [B].
+    """
+    one_of("reduction", reduction, ("mean", "none"))
+    d = return_a - return_b
+    loss = -target_a * F.logsigmoid(d) - (1 - target_a) * F.logsigmoid(-d)
+    return loss.mean() if reduction == "mean" else loss

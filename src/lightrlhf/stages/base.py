@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import lightning as L
+import torch
 from torch import nn
 
 from lightrlhf.training.checkpointing import check_trainable, keep_trainable
-from lightrlhf.training.numerics import NonFiniteGuard, NumericsSpec, guard_and_clip
+from lightrlhf.training.numerics import NonFiniteGuard, NumericsSpec, gradient_norm, guard_and_clip
 from lightrlhf.training.optim import OptimizerSpec, SchedulerSpec
 from lightrlhf.validation import positive
 
@@ -102,6 +103,25 @@ class StageModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         guard_and_clip(self, optimizer, gradient_clip_val if gradient_clip_val is not None else self.max_grad_norm)
+
+    def minibatch_step(self, optimizer: Any, scheduler: Any, params: list, losses: torch.Tensor,
+                       merged: dict[str, float], stats: dict[str, list[float]]) -> bool:
+        """The end of one minibatch, PPO's, GRPO's and PbRL's alike: the NaN guard on its losses and gradient
+        norm (a non-finite one skips the step, the weights stay finite), its stats recorded, clipping,
+        exactly one optimizer step and the schedule's. False when the step was skipped."""
+        grad_norm = gradient_norm(params)
+        if not self.guard.check(self.global_step, loss=losses, gradient_norm=grad_norm):
+            optimizer.zero_grad()
+            return False
+        merged["policy/grad_norm"] = grad_norm.item()
+        for key, value in merged.items():
+            stats.setdefault(key, []).append(value)
+        if self.max_grad_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        return True
 
     # -- checkpoints ---------------------------------------------------------------------------
     def stage_state(self) -> dict[str, Any]:

@@ -31,7 +31,6 @@ from lightrlhf.rollouts.rollout import chunks, sample_responses
 from lightrlhf.rollouts.specs import EvalSpec, GenerationSpec
 from lightrlhf.stages.base import StageModule
 from lightrlhf.training.alerts import AlertSpec, Tripwires
-from lightrlhf.training.numerics import gradient_norm
 from lightrlhf.training.reporting import log_data_summary, markdown_table
 
 log = logging.getLogger(__name__)
@@ -158,25 +157,6 @@ class OnlineStage(StageModule):
             self._log_table("rollout_samples", roll.prompts, roll.texts, scores.tolist())
         if stop or self.rollout_count >= self.rollouts:
             self.trainer.should_stop = True
-
-    def minibatch_step(self, optimizer: Any, scheduler: Any, params: list, losses: torch.Tensor,
-                       merged: dict[str, float], stats: dict[str, list[float]]) -> bool:
-        """The end of one minibatch, PPO's and GRPO's alike: the NaN guard on its losses and gradient
-        norm (a non-finite one skips the step, the weights stay finite), its stats recorded, clipping,
-        exactly one optimizer step and the schedule's. False when the step was skipped."""
-        grad_norm = gradient_norm(params)
-        if not self.guard.check(self.global_step, loss=losses, gradient_norm=grad_norm):
-            optimizer.zero_grad()
-            return False
-        merged["policy/grad_norm"] = grad_norm.item()
-        for key, value in merged.items():
-            stats.setdefault(key, []).append(value)
-        if self.max_grad_norm is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        return True
 
     def _log_table(self, tag: str, prompts: list[str], texts: list[str], scores: list[float],
                    gold: list[float] | None = None) -> None:
