@@ -32,6 +32,7 @@ def options():
 
 
 ONLINE_STAGES = ("ppo", "grpo", "rloo", "best_of_n", "sample_pairs")  # start from an SFT export and a reward model
+REWARD_KEY = {"sample_pairs": "stage.reward_model"}  # where the stage takes its reward model (else reward.path)
 
 
 def _needs_exports(group: str, option: str) -> bool:
@@ -45,7 +46,7 @@ def test_every_config_composes_and_builds(group, option, tmp_path, request):
         exports = request.getfixturevalue("exports")
         stage = option if group == "stage" else "ppo"
         extra += [f"stage={stage}", "data=demo_prompts", f"policy.init={exports / 'sft' / 'export'}",
-                  f"reward.path={exports / 'rm' / 'export'}"]
+                  f"{REWARD_KEY.get(stage, 'reward.path')}={exports / 'rm' / 'export'}"]
     cfg = compose([f"{group}={option}"] + extra, tmp_path)
     plain = to_plain(cfg)
     _settings(plain)

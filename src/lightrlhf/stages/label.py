@@ -43,13 +43,15 @@ LABELS_FILE, ROUND_PREFS_FILE, PREFS_FILE = "labels.jsonl", "round_prefs.jsonl",
 
 class LabelPairs:
     """See module docstring. `name`: the annotator name the simulated annotator labels under;
-    `seed`: its judgements' seed; `token`: required by the server on any address but 127.0.0.1."""
+    `seed`: its judgements' seed; `pace_s`: seconds it takes per label (0: as fast as the server
+    answers; a person's pace for a demo of the page); `token`: required by the server on any
+    address but 127.0.0.1."""
 
     resumable = True  # a relaunch continues the label file (module docstring)
 
     def __init__(self, candidates: str, labeler: Literal["simulated", "person"] = "simulated", annotator=None,
                  name: str = "simulated", seed: int = 0, previous: str | None = None, host: str = "127.0.0.1",
-                 port: int = 0, token: str | None = None, poll_s: float = 2.0):
+                 port: int = 0, token: str | None = None, poll_s: float = 2.0, pace_s: float = 0.0):
         one_of("labeler", labeler, ("simulated", "person"))
         if labeler == "simulated" and annotator is None:
             raise ConfigError("stage.annotator", "labeler=simulated needs an annotator (the demo's: ${demo.annotator})")
@@ -57,6 +59,7 @@ class LabelPairs:
             raise ConfigError("stage.name", "must be a non-empty annotator name")
         non_negative("port", port)
         positive("poll_s", poll_s)
+        non_negative("pace_s", pace_s)
         if not Path(candidates).is_file():
             raise ConfigError("stage.candidates", f"{candidates} is not a file (a candidates.jsonl of stage=sample_pairs)")
         if previous is not None and not (Path(previous) / PREFS_FILE).is_file():
@@ -64,6 +67,7 @@ class LabelPairs:
                                                 "stage=label)")
         self.candidates, self.labeler, self.annotator, self.name = candidates, labeler, annotator, str(name).strip()
         self.seed, self.previous, self.host, self.port, self.token, self.poll_s = seed, previous, host, port, token, poll_s
+        self.pace_s = pace_s
         self.default_metric = "labels/total_pairs"
 
     # -- labelling ---------------------------------------------------------------------------------
@@ -79,8 +83,9 @@ class LabelPairs:
             pair = answer["candidate"]
             judge = random.Random(f"{self.seed}:{pair['id']}")  # the same judgement whatever was labelled before
             choice = self.annotator.label(pair["prompt"], pair["a"], pair["b"], judge)
+            time.sleep(self.pace_s)
             try:
-                client.label(pair["id"], self.name, choice)
+                client.label(pair["id"], self.name, choice, seconds=self.pace_s)
             except FeedbackError as error:
                 if error.status != 409:  # 409: already on disk (the answer to an earlier try was lost)
                     raise UserError(f"labelling server at {url}: {error.message}") from None

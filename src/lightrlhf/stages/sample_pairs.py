@@ -2,7 +2,7 @@
 
 A stage that trains nothing (`stage=sample_pairs`, the `SamplingStage` contract), built like best-of-n:
 the policy export as `policy.init`, prompts as `data`, and the reward-model ensemble that guides the
-choice as `stage.reward_model` (an export of `stage=rm stage.ensemble=K`).
+choice as `stage.reward_model` (an export of `stage=rm stage.ensemble=K`; none for `random`).
 
     step 1. sample   k responses to each of `num_prompts` prompts (the training split from
                      `first_prompt` on), seeded; or read them back from an earlier run's pool.jsonl
@@ -40,9 +40,10 @@ from lightrlhf.data.modules import PromptDataModule, right_pad
 from lightrlhf.data.tokenize import encode_prompt, encode_response, prompt_text
 from lightrlhf.errors import ConfigError, DataError, UserError
 from lightrlhf.io import atomic_write_text
-from lightrlhf.models.actor_critic import ActorCritic, PolicySpec
+from lightrlhf.models.actor_critic import ActorCritic, PolicySpec, load_actor_critic
+from lightrlhf.models.spec import ModelSpec
 from lightrlhf.rewards.scorer import Scorer
-from lightrlhf.rewards.spec import RewardSpec
+from lightrlhf.rewards.spec import NormalizeSpec, RewardSpec
 from lightrlhf.rl.ensemble import ensemble_mean_std
 from lightrlhf.rl.selection import RULES, pair_index, pair_scores, select_pairs
 from lightrlhf.rollouts.rollout import sample_responses
@@ -70,6 +71,13 @@ def text_samples(tokenizer, raw_prompts: list, texts: list[str]) -> TextSamples:
     return TextSamples(ids, mask, [prompt_text(tokenizer, p) for p in raw_prompts], list(raw_prompts), list(texts))
 
 
+def load_sampler(spec: ModelSpec, tokenizer, policy: PolicySpec, reward_model: str | None = None) -> ActorCritic:
+    """Config target: the policy, and the reward model's members as adapters on its base when they
+    share it (else loaded beside it); no value function."""
+    reward = None if reward_model is None else RewardSpec(path=reward_model)
+    return load_actor_critic(spec, tokenizer, policy, reward, critic=False)
+
+
 class SamplePairs:
     """See module docstring. `k`: answers per prompt (pairs per prompt: k(k-1)/2); `ucb_c`: c of
     mean + c * std; `id_prefix`: prepended to every candidate id (one per round of a loop, so ids
@@ -77,7 +85,7 @@ class SamplePairs:
 
     resumable = True  # a rerun reuses what the killed one finished (module docstring)
 
-    def __init__(self, model: ActorCritic, datamodule: PromptDataModule, reward: RewardSpec,
+    def __init__(self, model: ActorCritic, datamodule: PromptDataModule,
                  selection: Literal["random", "disagreement", "ucb"] = "random", budget: int = 1000, k: int = 4,
                  num_prompts: int = 1024, first_prompt: int = 0, pairs_per_prompt: int = 1, ucb_c: float = 1.0,
                  reward_model: str | None = None, policy: PolicySpec | None = None, pool: str | None = None,
@@ -93,9 +101,6 @@ class SamplePairs:
         positive("batch_size", batch_size)
         if forward_batch_size is not None:
             positive("forward_batch_size", forward_batch_size)
-        if reward_model is not None and reward.path != reward_model:
-            raise ConfigError("reward.path", f"is {reward.path} but stage.reward_model is {reward_model}; "
-                                             "set stage.reward_model alone")
         self.model, self.datamodule = model, datamodule
         self.selection, self.budget, self.k, self.ucb_c = selection, budget, k, ucb_c
         self.num_prompts, self.first_prompt, self.pairs_per_prompt = num_prompts, first_prompt, pairs_per_prompt
@@ -103,13 +108,15 @@ class SamplePairs:
         self.batch_size, self.seed, self.generation = batch_size, seed, generation or GenerationSpec()
         self.forward_batch_size = forward_batch_size
         self.policy_name = (policy.init if policy is not None else None) or "model.name_or_path"
-        self.scorer = Scorer(reward, model.reward_model(forward_batch_size))
+        # the raw composite score of each member (no shaping: only the order and the spread matter here)
+        self.scorer = None if reward_model is None else Scorer(
+            RewardSpec(path=reward_model, normalize=NormalizeSpec(enabled=False)), model.reward_model(forward_batch_size))
         members = model.reward_ensemble_size
         if selection != "random" and members < 2:
             raise ConfigError("stage.selection", f"{selection!r} ranks pairs by the spread of a reward-model "
                                                  "ensemble: set stage.reward_model to the export of "
                                                  "stage=rm stage.ensemble=K (K >= 2)"
-                                                 + (f"; {reward.path} has one member" if members else ""))
+                                                 + (f"; {reward_model} has one member" if members else ""))
         self.evaluator = getattr(datamodule, "evaluator", None)
         self.default_metric = "pairs/selected"
 
@@ -250,8 +257,7 @@ class SamplePairs:
         pool = self.read_pool(self.pool) if self.pool else self.sample_pool()
         if not self.pool:
             atomic_write_text(out_dir / POOL_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pool))
-        members = self.member_scores(pool) if self.scorer.reward_model is not None or self.scorer.spec.components \
-            else None
+        members = self.member_scores(pool) if self.scorer is not None else None
         chosen, scores, valid = self.choose(pool, members)
         if len(chosen) < self.budget:
             log.warning("sample_pairs: %d pairs chosen of a budget of %d (the pool offers no more)", len(chosen),
