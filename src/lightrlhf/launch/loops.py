@@ -63,6 +63,10 @@ class LoopStep:
     fixed: tuple[str, ...] = ()
 
 
+def _count(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
 def _metrics(results: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
     return (results.get(name) or {}).get("metrics", {})
 
@@ -70,8 +74,6 @@ def _metrics(results: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    if isinstance(value, float) and value.is_integer() and abs(value) >= 1:  # counts (labels) stay counts
-        return str(int(value))
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
@@ -129,7 +131,7 @@ class IteratedRLHF:
             rm, ppo = _metrics(results, f"rm_r{n}"), _metrics(results, f"ppo_r{n}")
             sft_gold = ppo.get("eval/gold_score_initial", sft_gold)
             rows.append({"round": n, "selection": "random" if n == 1 else self.selection,
-                         "labels_total": labels.get("labels/total_pairs"),
+                         "labels_total": _count(labels.get("labels/total_pairs")),
                          "label_gold_agreement": labels.get("labels/gold_agreement"),
                          "pairs_gold_gap": pairs.get("pairs/gold_gap_mean"),
                          "rm_gold_accuracy": rm.get("val/gold_accuracy"), "rm_accuracy": rm.get("val/accuracy"),
@@ -213,7 +215,7 @@ class ActiveSelection:
                 rm, chosen = _metrics(results, f"rm_{rule}_s{s}"), _metrics(results, f"select_{rule}_s{s}")
                 labels = _metrics(results, f"labels_{rule}_s{s}")
                 row[rule] = {"gold_accuracy": rm.get("val/gold_accuracy"), "accuracy": rm.get("val/accuracy"),
-                             "labels": labels.get("labels/total_pairs"),
+                             "labels": _count(labels.get("labels/total_pairs")),
                              "label_gold_agreement": labels.get("labels/gold_agreement"),
                              "pairs_gold_gap": chosen.get("pairs/gold_gap_mean")}
             points.append(row)
