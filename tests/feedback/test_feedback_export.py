@@ -8,8 +8,9 @@ import pytest
 from feedback_support import demo_candidates, feedback_cli, write_candidates
 
 from lightrlhf.data.formats import load_preferences
-from lightrlhf.feedback.labels import Label, LabelStore
+from lightrlhf.feedback.labels import Label
 from lightrlhf.feedback.stats import cohen_kappa, label_stats
+from lightrlhf.feedback.store import LabelStore
 
 # Two annotators on ten pairs. Agreement on 1 2 3 5 6 8 10: p_o = 7/10.
 # ana: a 5, b 3, tie 2; ben: a 5, b 4, tie 1.  p_e = (5*5 + 3*4 + 2*1) / 100 = 39/100.

@@ -9,7 +9,8 @@ from feedback_support import write_candidates
 
 from lightrlhf.errors import DataError, UserError
 from lightrlhf.feedback.candidates import read_candidates
-from lightrlhf.feedback.labels import LabelRejected, LabelStore, read_label_file, read_labels
+from lightrlhf.feedback.labels import LabelRejected, read_label_file, read_labels
+from lightrlhf.feedback.store import LabelStore
 
 PAIR = {"id": "p1", "prompt": "q", "a": "x", "b": "y"}
 

@@ -4,7 +4,8 @@
     labels.jsonl      --(python -m lightrlhf.feedback export)--> prefs.jsonl   -> train.py stage=rm
 
 candidates.py  the pairs to ask about, checked line by line
-labels.py      the label file: durable appends shared by processes, undo records, `read_labels`
+labels.py      the label file's records, undo, `read_labels` (the only reader)
+store.py       `LabelStore`, its only writer: flock + fsync appends shared by threads and processes
 server.py      the FastAPI app, `serve` and `serve_in_thread`; static/ holds the page (HTML, JS, CSS)
 client.py      `FeedbackClient`, the same HTTP API from Python (urllib only)
 export.py      labels -> {prompt, chosen, rejected}

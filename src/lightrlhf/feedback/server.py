@@ -39,7 +39,8 @@ from starlette.exceptions import HTTPException
 
 from lightrlhf.errors import UserError
 from lightrlhf.feedback.candidates import MEDIA, Candidate, media_path, read_candidates
-from lightrlhf.feedback.labels import LabelRejected, LabelStore, check_annotator
+from lightrlhf.feedback.labels import LabelRejected, check_annotator
+from lightrlhf.feedback.store import LabelStore
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TOKEN_COOKIE = "lightrlhf_feedback_token"
