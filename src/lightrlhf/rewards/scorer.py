@@ -16,8 +16,9 @@ every beta sees rewards in the same units -- standard deviations of the SFT poli
 An ensemble reward model (`stage=rm stage.ensemble=K`) answers K member scores per response. RM is
 then their mean, and `member_scores` / `mean_and_std` give each member's composite score and the
 spread (std over members; the Python terms are the same for every member, so the spread is
-w_rm times the reward model's). `score` also returns the spread as the component
-`reward_model_std`, which is not a term of the score: the stages log it beside the terms.
+w_rm times the reward model's). `score` also returns the reward model's own std as the component
+`reward_model_std` (unweighted, as every term), which is not a term of the score: the stages log it
+beside the terms.
 """
 
 from __future__ import annotations
@@ -88,9 +89,9 @@ class Scorer:
         """(composite score [N], each term [N] unweighted) in raw units; with an ensemble the reward
         model's term is the members' mean, and `reward_model_std` their spread (not a term)."""
         members, components = self._members_and_terms(samples)
-        total, spread = ensemble_mean_std(members)
-        if members.shape[0] > 1:
-            components[SPREAD] = spread
+        total = members.mean(0)
+        if SPREAD in components and members.shape[0] < 2:
+            del components[SPREAD]
         return total, components
 
     @torch.no_grad()
@@ -109,7 +110,7 @@ class Scorer:
         if self.reward_model is not None:
             rewards = self.reward_model(samples).float()
             rewards = rewards if rewards.dim() == 2 else rewards.unsqueeze(0)
-            components["reward_model"] = rewards.mean(0)
+            components["reward_model"], components[SPREAD] = ensemble_mean_std(rewards)  # unweighted, as every term
             members = members + self.spec.weight * rewards
         for name, component in self.spec.components.items():
             components[name] = checked_values(name, component.fn, samples.prompts, samples.texts)
