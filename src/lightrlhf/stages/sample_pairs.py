@@ -45,7 +45,7 @@ from lightrlhf.models.spec import ModelSpec
 from lightrlhf.rewards.scorer import Scorer
 from lightrlhf.rewards.spec import NormalizeSpec, RewardSpec
 from lightrlhf.rl.ensemble import ensemble_mean_std
-from lightrlhf.rl.selection import RULES, pair_index, pair_scores, select_pairs
+from lightrlhf.rl.selection import RULES, disagreement_scores, pair_index, pair_scores, select_pairs
 from lightrlhf.rollouts.rollout import sample_responses
 from lightrlhf.rollouts.specs import GenerationSpec
 from lightrlhf.validation import non_negative, one_of, positive, require
@@ -230,8 +230,6 @@ class SamplePairs:
             out["pairs/score_mean"] = scores[picked].double().mean().item()
         out["pairs/score_mean_pool"] = scores[valid].double().mean().item() if valid.any() else 0.0
         if members is not None and members.shape[0] > 1:
-            from lightrlhf.rl.selection import disagreement_scores
-
             spread = disagreement_scores(members)
             out["pairs/disagreement_mean_pool"] = spread[valid].mean().item() if valid.any() else 0.0
             if chosen:
