@@ -276,6 +276,17 @@ def exports(tmp_path_factory):
     return shared(tmp_path_factory, "exports", make)
 
 
+@pytest.fixture(scope="session")
+def ensemble_run(exports, tmp_path_factory):
+    """A 3-member reward ensemble (stage.ensemble=3) trained for a few steps on the shared SFT export."""
+    def make(root):
+        run_in_process(["stage=rm", "data=demo_pref", f"model.name_or_path={exports / 'sft' / 'export'}",
+                        "stage.ensemble=3", "trainer.max_steps=6", "trainer.val_check_interval=6",
+                        "stage.datamodule.batch_size=16"], root)
+
+    return shared(tmp_path_factory, "ensemble_rm", make)
+
+
 # The two longest tests (minutes each) each head one worker's queue: `pytest -n 2 --dist worksteal` (make
 # test) hands the first half of the collection to one worker and the second half to the other, and an idle
 # worker steals only from the tail of a queue, so neither waits behind the other or runs at the very end.

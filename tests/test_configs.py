@@ -12,7 +12,9 @@ from lightrlhf.launch.run import _settings, to_plain
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 # Options that need a value the shipped file leaves to the user (`???`).
 REQUIRED = {("data", "jsonl"): [f"data.path={FIXTURES / 'data' / 'sft_prompt_completion.jsonl'}"],
-            ("stage", "rm"): ["data=demo_pref"], ("data", "demo_pref"): ["stage=rm"]}
+            ("stage", "rm"): ["data=demo_pref"], ("data", "demo_pref"): ["stage=rm"],
+            ("data", "demo_labels"): ["stage=rm", f"data.path={FIXTURES / 'data' / 'pref_explicit.jsonl'}"],
+            ("stage", "label"): [f"stage.candidates={FIXTURES / 'data' / 'candidates_demo.jsonl'}"]}
 # GPU configs are built with the accelerator swapped for the CPU (everything else as shipped);
 # the composed value itself is checked separately below.
 ON_CPU = {("trainer", "gpu"): ["trainer.accelerator=cpu"]}
@@ -29,7 +31,8 @@ def options():
             yield group, path.stem
 
 
-ONLINE_STAGES = ("ppo", "grpo", "rloo", "best_of_n")  # start from an SFT export and a reward model
+ONLINE_STAGES = ("ppo", "grpo", "rloo", "best_of_n", "sample_pairs")  # start from an SFT export and a reward model
+REWARD_KEY = {"sample_pairs": "stage.reward_model"}  # where the stage takes its reward model (else reward.path)
 
 
 def _needs_exports(group: str, option: str) -> bool:
@@ -43,7 +46,7 @@ def test_every_config_composes_and_builds(group, option, tmp_path, request):
         exports = request.getfixturevalue("exports")
         stage = option if group == "stage" else "ppo"
         extra += [f"stage={stage}", "data=demo_prompts", f"policy.init={exports / 'sft' / 'export'}",
-                  f"reward.path={exports / 'rm' / 'export'}"]
+                  f"{REWARD_KEY.get(stage, 'reward.path')}={exports / 'rm' / 'export'}"]
     cfg = compose([f"{group}={option}"] + extra, tmp_path)
     plain = to_plain(cfg)
     _settings(plain)
@@ -77,7 +80,7 @@ def _build_stage_parts(plain):
     if plain.get("env") is not None:  # a control stage (stage=pbrl): its loop is its own, no data
         assert datamodule is None and stage.env_spec.task == plain["env"]["task"]
         return
-    assert stage.datamodule is datamodule
+    assert getattr(stage, "datamodule", None) is datamodule  # none for a stage without data (label)
 
 
 def test_hydra_group_composes(tmp_path):
@@ -145,6 +148,7 @@ def test_every_pipeline_step_of_every_experiment_composes_and_checks(experiment,
                 if step_plain.get(part) is not None:
                     validate(step_plain[part], part)
             stage = dict(step_plain["stage"])
-            validate(stage.pop("model"), "stage.model", given=("spec", "tokenizer") + roles)
-            validate(stage.pop("datamodule"), "stage.datamodule", given=("source", "tokenizer"))
+            if "model" in stage:  # a stage without model and data (label) has its own keys alone
+                validate(stage.pop("model"), "stage.model", given=("spec", "tokenizer") + roles)
+                validate(stage.pop("datamodule"), "stage.datamodule", given=("source", "tokenizer"))
             validate(stage, "stage", given=("model", "datamodule") + roles)

@@ -147,7 +147,7 @@ def test_rm_learns_the_demo_task_and_its_export_scores_identically_in_a_fresh_pr
     assert rejected.std().item() == pytest.approx(metrics["val/rejected_std"], abs=1e-3)
     assert (chosen > rejected).float().mean().item() == pytest.approx(metrics["val/accuracy"], abs=1e-6)
     ckpt = torch.load(sorted((run_dir / "checkpoints").glob("step-*.ckpt"))[-1], weights_only=True)["state_dict"]
-    head = {k[len("model.head."):]: v for k, v in ckpt.items() if k.startswith("model.head.")}
+    head = {k[len("model.heads.0."):]: v for k, v in ckpt.items() if k.startswith("model.heads.0.")}
     assert head and all(torch.equal(exported.head.state_dict()[k], v) for k, v in head.items())
 
 

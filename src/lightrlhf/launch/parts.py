@@ -28,12 +28,18 @@ ROLE_BLOCKS = ("policy", "value", "reward", "numerics")
 def build_stage(plain: dict[str, Any]) -> tuple[Stage, Any]:
     """(stage, its datamodule) from the `stage` and `data` nodes; the stage keeps the stage contract.
     A control stage (one that takes an `env`: stage=pbrl) is built from the `stage` and `env` nodes
-    instead, and has no datamodule (its loop is its own iterations)."""
+    instead, and has no datamodule (its loop is its own iterations). A stage node without `model` and
+    `datamodule` (stage=label) is built from its own keys alone."""
     from lightrlhf.models.loading import load_tokenizer
 
     stage_node = dict(plain["stage"])
     if "env" in parameters(locate(str(stage_node["_target_"]), "stage"))[0]:
         return build_control_stage(plain), None
+    if "model" not in stage_node and "datamodule" not in stage_node:
+        roles = {k: build(plain[k], k) for k in ROLE_BLOCKS if plain.get(k) is not None}
+        stage = build(stage_node, "stage", **_accepted(stage_node, roles, "stage"))
+        _check_contract(stage, str(stage_node["_target_"]))
+        return stage, None
     spec = build(plain["model"], "model")
     tokenizer = load_tokenizer(spec)
     source = build(plain["data"], "data")

@@ -18,6 +18,9 @@ waits for them. A pipeline with seeded steps also writes a ranking of them (laun
 
 A step that already finished is not run again; a step that was interrupted is resumed from its
 last checkpoint -- so `python train.py resume=<run dir>` continues a killed pipeline where it was.
+
+Instead of `steps`, `pipeline.loop` may name an object that writes the steps out (launch/loops.py:
+the iterated RLHF loop, the active-selection experiment) and reports on them at the end.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Step:
     overrides: list[str]
     group: str = ""  # a seeded step's name in the config (`dpo` for `dpo_seed1`); else its own name
     seed: int | None = None
+    fixed: tuple[str, ...] = ()  # overrides that win over the command line's (a loop's seed per chain)
 
 
 @dataclass(frozen=True)
@@ -60,9 +64,18 @@ class PipelineSpec:
     steps: list[Step]
     extra: dict[str, list[str]] = field(default_factory=dict)
     parallel: int = 1  # seeded steps at once, each a process of its own (launch/parallel.py)
+    loop: Any = None  # what wrote the steps (launch/loops.py); its report(run_dir, results) ends the run
 
     @classmethod
     def from_config(cls, node: Any) -> PipelineSpec:
+        if node and node.get("loop") is not None:
+            if node.get("steps"):
+                raise ConfigError("pipeline.loop", "give pipeline.steps or pipeline.loop, not both")
+            from lightrlhf.launch.build import build
+
+            loop = build(node["loop"], "pipeline.loop")
+            steps = [Step(s.name, list(s.overrides), s.group, None, tuple(s.fixed)) for s in loop.steps()]
+            return cls._checked(steps, node, loop)
         if not node or not node.get("steps"):
             raise ConfigError("pipeline.steps", "stage=pipeline needs a list of steps (see experiment=demo)")
         steps = []
@@ -77,6 +90,10 @@ class PipelineSpec:
             if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
                 raise ConfigError(f"pipeline.steps[{i}].seeds", f"must be a list of integer seeds, got {seeds!r}")
             steps += [Step(f"{name}_seed{seed}", overrides, name, seed) for seed in seeds]
+        return cls._checked(steps, node, None)
+
+    @classmethod
+    def _checked(cls, steps: list[Step], node: Any, loop: Any) -> PipelineSpec:
         names = [s.name for s in steps]
         if len(set(names)) != len(names):
             raise ConfigError("pipeline.steps", f"step names must be unique, got {names}")
@@ -93,7 +110,7 @@ class PipelineSpec:
         parallel = node.get("parallel", 1)
         if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
             raise ConfigError("pipeline.parallel", f"must be an integer >= 1, got {parallel!r}")
-        return cls(steps, extra, parallel)
+        return cls(steps, extra, parallel, loop)
 
 
 def run_pipeline(cfg: DictConfig, run_dir: Path, task_overrides: list[str], choices: dict[str, Any],
@@ -154,6 +171,9 @@ def _run_steps(spec: PipelineSpec, cfg: DictConfig, run_dir: Path, task_override
     if any(step.seed is not None for step in spec.steps):
         for line in write_ranking(run_dir, spec.steps, results):
             log.info(line)
+    if spec.loop is not None:
+        for line in spec.loop.report(run_dir, results):
+            log.info(line)
     log.info("outputs: %s (one directory per step; summary.json); tensorboard --logdir %s", run_dir, run_dir)
     return value
 
@@ -182,6 +202,7 @@ def compose_step(step: Step, spec: PipelineSpec, run_dir: Path, global_overrides
     extra = [o.format(**directories) for o in spec.extra.get(step.group or step.name, [])]
     if step.seed is not None:  # a seeded step's own seed wins over a seed= given to every step
         extra.append(f"seed={step.seed}")
+    extra += [o.format(**directories) for o in step.fixed]
     extra.append(f"paths.output_dir={run_dir / step.name}")
     later = {override_key(o) for o in extra}
     global_overrides = [o for o in global_overrides if override_key(o) not in later]  # the step sets these itself
@@ -218,6 +239,8 @@ HEADLINES = {
     "grpo": ("eval/reward", "eval/kl", "eval/win_rate_vs_sft", "eval/length_mean"),
     "rloo": ("eval/reward", "eval/kl", "eval/win_rate_vs_sft", "eval/length_mean"),
     "dpo": ("val/loss", "val/rewards/accuracies", "eval/kl", "eval/win_rate_vs_sft", "eval/length_mean"),
+    "sample_pairs": ("pairs/selected", "pairs/score_mean", "pairs/gold_gap_mean"),
+    "label": ("labels/total_pairs", "labels/gold_agreement"),
 }
 
 

@@ -105,13 +105,13 @@ def run_stage(cfg: DictConfig, run_dir: Path, overrides: list[str], choices: dic
     import lightning as L
 
     L.seed_everything(settings.seed, workers=True, verbose=False)
-    start = record.start_point(run_dir, bool(settings.resume), settings.ckpt_path)
     # step 2. build: everything that can be wrong with the config or the data is found here, before
     # any training starts. The run claims its directory (run.json) only when its first batch starts.
     stage, datamodule = build_stage(plain)
     if is_sampling_stage(stage):  # trains nothing: no trainer, no checkpoints, no export
         return run_sampling(stage, settings.optimized_metric, cfg, run_dir, overrides, choices, started,
                             resuming=bool(settings.resume or settings.ckpt_path))
+    start = record.start_point(run_dir, bool(settings.resume), settings.ckpt_path)
     claim = ClaimRunDirectory(lambda: record.write_record(run_dir, overrides, choices, cfg) if is_rank_zero() else None)
     trainer = build_trainer(plain, start, started, [claim, adaptive_threads])
     log.info("run directory: %s", run_dir)

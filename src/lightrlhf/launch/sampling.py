@@ -4,7 +4,9 @@
     -> metrics.json (atomically, the same status/optimized_* keys as a trained run) -> the metric
 
 There is no trainer, checkpoint or export, so `resume=` and `ckpt_path=` have nothing to continue
-from: they are refused in one line. A run that fails leaves its directory unclaimed (reusable).
+from: they are refused in one line -- unless the stage is `resumable` (sample_pairs, label): it
+then runs again in its directory and continues from the files it left there (a pipeline resumes
+such a step the same way). A run that fails leaves its directory unclaimed (reusable).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def is_sampling_stage(stage: Any) -> bool:
 def run_sampling(stage: Any, optimized_metric: str | None, cfg: DictConfig, run_dir: Path, overrides: list[str],
                  choices: dict[str, Any], started: float, resuming: bool) -> float | None:
     name = choices.get("stage")
-    if resuming:
+    if resuming and not getattr(stage, "resumable", False):
         raise ConfigError("resume", f"stage={name} trains nothing, so there is no checkpoint to continue from; "
                                     "run it again (resume= and ckpt_path= apply to training stages)")
     record.write_record(run_dir, overrides, choices, cfg)

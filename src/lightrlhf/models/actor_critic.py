@@ -5,7 +5,9 @@
     policy    = a fresh LoRA adapter "policy" (B = 0: at step 0 it *is* the reference, KL = 0)
     value     = adapter "value" + a scalar head, initialised from the reward model's adapter and head
                 (built only for a method with a critic: PPO; GRPO and RLOO have none)
-    reward    = adapter "reward" + head from the reward-model export, frozen
+    reward    = adapter "reward" + head from the reward-model export, frozen (an ensemble export:
+                adapters "reward_member0" ... with their heads; the reward is the members' mean and
+                `reward_model()` gives the scorer all of them, for their std)
 
 Peak memory is one copy of the base plus small adapters and activations, not four models. This is
 only valid when the reward model was trained on these exact base weights (InstructGPT's recipe:
@@ -26,7 +28,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from lightrlhf.errors import UserError
@@ -40,12 +41,14 @@ from lightrlhf.models.loading import (
     weights_fingerprint,
 )
 from lightrlhf.models.reward import (
-    HEAD_FILE,
     RewardModel,
     ScoreHead,
     backbone_of,
+    export_members,
     hidden_size_of,
     last_token_hidden,
+    load_head,
+    member_dir,
     reward_manifest,
 )
 from lightrlhf.models.spec import ModelSpec
@@ -77,10 +80,15 @@ class ValueSpec:
 
 
 class ActorCritic(nn.Module):
-    def __init__(self, module: nn.Module, value_head: ScoreHead | None, reward_head: ScoreHead | None, tokenizer,
-                 base: BaseIdentity, separate_reward: RewardModel | None = None):
+    """`reward_heads[k]` scores with adapter `reward_adapters[k]` on (none: no shared-base reward model)."""
+
+    def __init__(self, module: nn.Module, value_head: ScoreHead | None, reward_heads: list[ScoreHead] | None, tokenizer,
+                 base: BaseIdentity, separate_reward: RewardModel | None = None,
+                 reward_adapters: list[str] | None = None):
         super().__init__()
-        self.module, self.value_head, self.reward_head = module, value_head, reward_head
+        reward_heads = list(reward_heads or [])
+        self.module, self.value_head, self.reward_heads = module, value_head, nn.ModuleList(reward_heads)
+        self.reward_adapters = reward_adapters or reward_adapter_names(len(reward_heads))
         self.tokenizer, self.base, self.separate_reward = tokenizer, base, separate_reward
         self._trainable = adapter_parameter_names(module, POLICY)
         if value_head is not None:
@@ -97,8 +105,7 @@ class ActorCritic(nn.Module):
             param.requires_grad_(name in trainable)
         if self.value_head is not None:
             self.value_head.requires_grad_(True)
-        if self.reward_head is not None:
-            self.reward_head.requires_grad_(False)
+        self.reward_heads.requires_grad_(False)
         if self.separate_reward is not None:
             self.separate_reward.requires_grad_(False)
 
@@ -145,22 +152,42 @@ class ActorCritic(nn.Module):
 
     @property
     def shares_reward_base(self) -> bool:
-        return self.reward_head is not None
+        return len(self.reward_heads) > 0
+
+    @property
+    def reward_ensemble_size(self) -> int:
+        """Members of the reward model (1 for a single one, 0 for none)."""
+        if self.separate_reward is not None:
+            return self.separate_reward.ensemble_size
+        return len(self.reward_heads)
+
+    def reward_member_scores(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The shared-base reward model's members' scores at each row's last real token [K, B]."""
+        out = []
+        for adapter, head in zip(self.reward_adapters, self.reward_heads, strict=True):
+            with active_adapter(self.module, adapter):
+                out.append(head(last_token_hidden(backbone_of(self.module), input_ids, attention_mask)))
+        return torch.stack(out)
 
     def reward_scores(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """The shared-base reward model's score at each row's last real token [B]."""
-        with active_adapter(self.module, REWARD):
-            return self.reward_head(last_token_hidden(backbone_of(self.module), input_ids, attention_mask))
+        """The shared-base reward model's score at each row's last real token [B] (an ensemble's mean)."""
+        return self.reward_member_scores(input_ids, attention_mask).mean(0)
 
     def reward_model(self, forward_batch_size: int | None = None) -> RewardModelFn | None:
         """The reward model as the scorer calls it (None when the reward is Python functions only):
-        the shared-base adapter on the token ids, or the separate model on re-tokenised text."""
-        if self.reward_head is not None:
+        the shared-base adapter on the token ids, or the separate model on re-tokenised text. It
+        answers [N] scores, or [K, N] for an ensemble's K members (the scorer takes their mean)."""
+        ensemble = self.reward_ensemble_size > 1
+        if self.shares_reward_base:
             def shared(samples: Samples) -> Tensor:
                 rows = chunks(samples.sequences.shape[0], forward_batch_size)
-                return torch.cat([self.reward_scores(samples.sequences[r], samples.attention_mask[r]) for r in rows])
+                members = torch.cat([self.reward_member_scores(samples.sequences[r], samples.attention_mask[r])
+                                     for r in rows], dim=1)
+                return members if ensemble else members[0]
             return shared
         if self.separate_reward is not None:
+            if ensemble:
+                return lambda samples: self.separate_reward.member_scores(samples.raw_prompts, samples.texts)
             return lambda samples: self.separate_reward.score(samples.raw_prompts, samples.texts)
         return None
 
@@ -187,13 +214,16 @@ def load_actor_critic(spec: ModelSpec, tokenizer, policy: PolicySpec, reward, va
         raise UserError("config model.lora: this stage trains a LoRA policy adapter on a shared frozen base (the "
                         "reference is that base); model.lora=null (full fine-tuning) is not supported by it")
     module = get_peft_model(base, lora, adapter_name=POLICY)
-    reward_head, separate = None, None
+    reward_heads, separate, members = [], None, []
     if reward is not None and reward.path is not None:
         meta = _reward_manifest(reward.path)
+        members = export_members(Path(reward.path), meta)
         if meta["base"]["fingerprint"] == identity.fingerprint and meta["weights"] == "adapter":
-            module.load_adapter(reward.path, adapter_name=REWARD, is_trainable=False)
-            reward_head = _load_head(reward.path, meta)
-            log.info("reward model %s shares the policy's base: loaded as adapter %r", reward.path, REWARD)
+            for adapter, member in zip(reward_adapter_names(len(members)), members, strict=True):
+                module.load_adapter(member_dir(Path(reward.path), member), adapter_name=adapter, is_trainable=False)
+                reward_heads.append(load_head(Path(reward.path), meta, member))
+            log.info("reward model %s shares the policy's base: loaded as adapter%s %s", reward.path,
+                     "s" if len(members) > 1 else "", ", ".join(reward_adapter_names(len(members))))
         else:
             separate = RewardModel.from_pretrained(reward.path, dtype=spec.dtype)
             log.warning("reward model %s was trained on another base (%s); loading it separately and scoring "
@@ -201,22 +231,22 @@ def load_actor_critic(spec: ModelSpec, tokenizer, policy: PolicySpec, reward, va
     if not critic:
         module.set_adapter(POLICY)
         module.base_model.model.config.use_cache = False
-        return ActorCritic(module, None, reward_head, tokenizer, identity, separate)
+        return ActorCritic(module, None, reward_heads, tokenizer, identity, separate)
     init = (value or ValueSpec()).init
-    if init == "reward" and reward_head is None:
+    if init == "reward" and not reward_heads:
         raise UserError("config value.init: 'reward' needs a reward model on the policy's base "
                         f"(reward.path={reward.path}); use value.init=fresh or auto")
     if init == "auto":
-        init = "reward" if reward_head is not None else "fresh"
-    if init == "reward":
-        module.load_adapter(reward.path, adapter_name=VALUE, is_trainable=True)
-        value_head = _load_head(reward.path, _reward_manifest(reward.path))
+        init = "reward" if reward_heads else "fresh"
+    if init == "reward":  # an ensemble's first member
+        module.load_adapter(member_dir(Path(reward.path), members[0]), adapter_name=VALUE, is_trainable=True)
+        value_head = load_head(Path(reward.path), _reward_manifest(reward.path), members[0])
     else:
         module.add_adapter(VALUE, lora)
         value_head = ScoreHead(hidden_size_of(module), std=0.0)
     module.set_adapter(POLICY)
     module.base_model.model.config.use_cache = False
-    return ActorCritic(module, value_head, reward_head, tokenizer, identity, separate)
+    return ActorCritic(module, value_head, reward_heads, tokenizer, identity, separate)
 
 
 def load_policy(spec: ModelSpec, tokenizer, policy: PolicySpec) -> ActorCritic:
@@ -229,10 +259,9 @@ def _reward_manifest(path: str) -> dict:
     return reward_manifest(path, key="reward.path")
 
 
-def _load_head(path: str, meta: dict) -> ScoreHead:
-    head = ScoreHead(meta["hidden_size"])
-    head.load_state_dict(load_file(Path(path) / HEAD_FILE))
-    return head
+def reward_adapter_names(size: int) -> list[str]:
+    """The reward model's adapters on the policy's base: "reward", or reward_member0, ... for an ensemble."""
+    return [REWARD] if size == 1 else [f"{REWARD}_member{k}" for k in range(size)]
 
 
 def _check_policy_init_matches_model(spec: ModelSpec, init: str) -> None:

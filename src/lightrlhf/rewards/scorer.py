@@ -12,6 +12,13 @@ of a short list or a NaN that poisons the run three steps later.
 mu and sigma are the running statistics of the composite score (`calibrate`): by default measured
 on the initial (SFT) policy's samples and then frozen (`normalize.update=false`), so every seed and
 every beta sees rewards in the same units -- standard deviations of the SFT policy's score.
+
+An ensemble reward model (`stage=rm stage.ensemble=K`) answers K member scores per response. RM is
+then their mean, and `member_scores` / `mean_and_std` give each member's composite score and the
+spread (std over members; the Python terms are the same for every member, so the spread is
+w_rm times the reward model's). `score` also returns the reward model's own std as the component
+`reward_model_std` (unweighted, as every term), which is not a term of the score: the stages log it
+beside the terms.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from torch import Tensor
 
 from lightrlhf.errors import UserError
 from lightrlhf.rewards.spec import RewardSpec
+from lightrlhf.rl.ensemble import ensemble_mean_std
 from lightrlhf.rl.normalize import RunningMeanStd
 from lightrlhf.rl.shaping import shape_scores
 
@@ -40,7 +48,9 @@ class Samples(Protocol):
     texts: list[str]
 
 
+# [N] scores, or [K, N] for the K members of an ensemble
 RewardModelFn = Callable[[Samples], Tensor]
+SPREAD = "reward_model_std"  # the ensemble's std, returned beside the terms (not one of them)
 
 
 def function_name(fn: Callable) -> str:
@@ -76,16 +86,36 @@ class Scorer:
 
     @torch.no_grad()
     def score(self, samples: Samples) -> tuple[Tensor, dict[str, Tensor]]:
-        """(composite score [N], each term [N] unweighted) in raw units."""
+        """(composite score [N], each term [N] unweighted) in raw units; with an ensemble the reward
+        model's term is the members' mean, and `reward_model_std` their spread (not a term)."""
+        members, components = self._members_and_terms(samples)
+        total = members.mean(0)
+        if SPREAD in components and members.shape[0] < 2:
+            del components[SPREAD]
+        return total, components
+
+    @torch.no_grad()
+    def member_scores(self, samples: Samples) -> Tensor:
+        """[K, N] the composite score with each member of the reward model in turn (K = 1 without an ensemble)."""
+        return self._members_and_terms(samples)[0]
+
+    @torch.no_grad()
+    def mean_and_std(self, samples: Samples) -> tuple[Tensor, Tensor]:
+        """([N], [N]) mean and std over the members of the composite score (std 0 without an ensemble)."""
+        return ensemble_mean_std(self.member_scores(samples))
+
+    def _members_and_terms(self, samples: Samples) -> tuple[Tensor, dict[str, Tensor]]:
         components: dict[str, Tensor] = {}
-        total = torch.zeros(len(samples.texts))
+        members = torch.zeros(1, len(samples.texts))
         if self.reward_model is not None:
-            components["reward_model"] = self.reward_model(samples).float()
-            total = total + self.spec.weight * components["reward_model"]
+            rewards = self.reward_model(samples).float()
+            rewards = rewards if rewards.dim() == 2 else rewards.unsqueeze(0)
+            components["reward_model"], components[SPREAD] = ensemble_mean_std(rewards)  # unweighted, as every term
+            members = members + self.spec.weight * rewards
         for name, component in self.spec.components.items():
             components[name] = checked_values(name, component.fn, samples.prompts, samples.texts)
-            total = total + component.weight * components[name]
-        return total, components
+            members = members + component.weight * components[name]
+        return members, components
 
     def calibrate(self, scores: Tensor) -> None:
         """Merge scores into the normalisation statistics (when normalisation is on)."""

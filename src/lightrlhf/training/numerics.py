@@ -92,13 +92,15 @@ def gradient_norm(parameters) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
-def guard_and_clip(stage, optimizer, max_grad_norm: float | None) -> None:
+def guard_and_clip(stage, optimizer, max_grad_norm: float | None, groups: list[list[torch.nn.Parameter]] | None = None
+                   ) -> None:
     """`configure_gradient_clipping` of the automatically optimised stages (SFT, RM).
 
     Before the optimizer step: a non-finite gradient norm stops the run, or (skip mode) empties the
     step -- AdamW leaves a parameter without a gradient untouched; then the norm is clipped. Without
     any gradient, every batch of this step was skipped before its backward: nothing to check, and
-    the run of skips goes on.
+    the run of skips goes on. `groups`: sets of parameters that share nothing (a reward ensemble's
+    members), each clipped to `max_grad_norm` on its own, as if each were trained alone.
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if not any(p.grad is not None for p in params):
@@ -106,5 +108,10 @@ def guard_and_clip(stage, optimizer, max_grad_norm: float | None) -> None:
     if not stage.guard.check(stage.global_step, gradient_norm=gradient_norm(params)):
         for param in params:
             param.grad = None
-    if max_grad_norm is not None:
+    if max_grad_norm is None:
+        return
+    if groups is None:
         stage.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
+        return
+    for group in groups:  # gradients are unscaled by the precision plugin before this hook
+        torch.nn.utils.clip_grad_norm_(group, max_grad_norm)
