@@ -9,6 +9,7 @@ a token, so the lengths can be counted by eye.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -304,20 +305,60 @@ def word_ids(texts: list[str]) -> list[list[int]]:
     return [[zlib.crc32(word.encode()) & 0x7FFFFFFF for word in tokens(text)] for text in texts]
 
 
+WORKERS_SCRIPT = """
+import json, re, sys, zlib
+from lightrlhf.data.clean import CleaningSpec
+from lightrlhf.data.formats import stream_examples
+from lightrlhf.data import profile as P
+
+TOKEN = re.compile(r"[\\u4e00-\\u9fff]|\\w+|[^\\w\\s]")
+
+def word_ids(texts):
+    return [[zlib.crc32(word.encode()) & 0x7FFFFFFF for word in TOKEN.findall(text)] for text in texts]
+
+assert P._native_threads() == 1, P._native_threads()  # a fresh process: the pool really forks
+path, kind = sys.argv[1], sys.argv[2]
+out = {}
+for batch_size, workers in ((3, 0), (3, 2), (4096, 0), (4096, 1)):
+    examples, load_report = stream_examples(kind, path, clean=CleaningSpec(), measure_all=True)
+    profile = P.DataProfile(kind, word_ids)
+    profile.add_all(examples, batch_size=batch_size, workers=workers)
+    out[f"{batch_size},{workers}"] = profile.result(load_report)
+print(json.dumps(out, sort_keys=True, default=str))
+"""
+
+
 def test_the_report_does_not_depend_on_batches_or_worker_processes():
-    from lightrlhf.data.clean import CleaningSpec
-    from lightrlhf.data.formats import stream_examples
-    from lightrlhf.data.profile import DataProfile
+    """Run in a fresh single-threaded process: there the worker processes are forked for real (a
+    process that already runs threads, like this test's, computes in-process instead)."""
+    import subprocess
+    import sys
 
     results = {}
     for name in ("pref_en.jsonl", "sft_zh.jsonl"):
-        for batch_size, workers in ((3, 0), (3, 2), (4096, 0), (4096, 1)):
-            kind = "preference" if name.startswith("pref") else "sft"
-            examples, load_report = stream_examples(kind, str(QUALITY / name), clean=CleaningSpec(), measure_all=True)
-            profile = DataProfile(kind, word_ids)
-            profile.add_all(examples, batch_size=batch_size, workers=workers)
-            results[name, batch_size, workers] = profile.result(load_report)
-        whole = results[name, 4096, 0]
-        assert all(result == whole for (file, *_), result in results.items() if file == name)
-    assert results["pref_en.jsonl", 3, 2]["length_bias"]["pairs"] == 8
-    assert results["sft_zh.jsonl", 3, 2]["scripts"]["rows"]["cjk"] > 0
+        kind = "preference" if name.startswith("pref") else "sft"
+        done = subprocess.run([sys.executable, "-c", WORKERS_SCRIPT, str(QUALITY / name), kind], capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs = json.loads(done.stdout)
+        whole = runs["4096,0"]
+        assert all(result == whole for result in runs.values())
+        results[name] = runs
+    assert results["pref_en.jsonl"]["3,2"]["length_bias"]["pairs"] == 8
+    assert results["sft_zh.jsonl"]["3,2"]["scripts"]["rows"]["cjk"] > 0
+
+
+def test_a_threaded_process_computes_the_profile_itself_instead_of_forking(monkeypatch):
+    """Forking a process with threads can deadlock (a lock another thread held stays locked in the
+    child): with more than one OS thread, workers > 0 falls back to this process, same figures."""
+    from lightrlhf.data import profile as P
+    from lightrlhf.data.clean import CleaningSpec
+    from lightrlhf.data.formats import stream_examples
+
+    monkeypatch.setattr(P, "_native_threads", lambda: 4)
+    monkeypatch.setattr("multiprocessing.get_context", lambda *a: (_ for _ in ()).throw(AssertionError("forked")))
+    examples, load_report = stream_examples("preference", str(QUALITY / "pref_en.jsonl"), clean=CleaningSpec(),
+                                            measure_all=True)
+    profile = P.DataProfile("preference", word_ids)
+    profile.add_all(examples, batch_size=3, workers=2)
+    assert profile.result(load_report)["length_bias"]["pairs"] == 8
