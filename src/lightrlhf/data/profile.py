@@ -23,7 +23,6 @@ a reward model must beat before it has learnt anything but length (Singhal et al
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 import os
 from collections import Counter, deque
@@ -36,7 +35,6 @@ import numpy as np
 
 from lightrlhf.data.clean import digest, prompt_contents, prompt_text, responses
 
-log = logging.getLogger(__name__)
 Tokenize = Callable[[list[str]], list[list[int]]]
 TRACKED = 10_000  # prompts the repeated-prompt summary follows
 HISTOGRAM_BINS = 40
@@ -145,15 +143,9 @@ class DataProfile:
         scripts, the bulk of the work) are computed while the next batches are read and cleaned: by
         `workers` processes (forked, so they share the tokenizer; results are merged in batch order, so
         the figures do not depend on `workers`), or with workers=0 by a thread of this process (Rust
-        tokenizers release the GIL, the rest does not). At most 2 x workers + 1 batches are in flight."""
-        threads = _native_threads()
-        if workers > 0 and threads > 1:
-            # detail: a fork copies only the calling thread; a lock another thread held (an OpenMP or
-            # tokenizer pool of a process that already ran torch or batch encoding) stays locked in the
-            # child forever. Seen as a hang inside a test process; the report's own CLI forks first.
-            log.info("data profile: this process runs %d threads, so it computes here instead of forking "
-                     "%d workers (forking a threaded process can deadlock)", threads, workers)
-            workers = 0
+        tokenizers release the GIL, the rest does not). At most 2 x workers + 1 batches are in flight.
+        Forking copies only the calling thread: called inside a long-lived process whose other threads
+        may hold locks (a test process that ran torch), use workers=0; the report's CLI forks early."""
         if workers > 0:
             import multiprocessing
 
@@ -399,14 +391,6 @@ def token_stats(tokenize: Tokenize, texts: list[str], n: int, sides: int) -> Tok
 
 
 _worker_tokenize: Tokenize | None = None
-
-
-def _native_threads() -> int:
-    """The OS threads of this process (Linux: /proc/self/task), 1 where that cannot be read."""
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:
-        return 1
 
 
 def _start_worker(tokenize: Tokenize) -> None:
