@@ -95,7 +95,7 @@ def test_chosen_and_rejected_in_one_batched_forward_match_separate_forwards(rewa
         chosen, rejected = stage.pair_rewards(batch)
         alone = [reward_model(torch.tensor([p.chosen_ids]), torch.ones(1, len(p.chosen_ids), dtype=torch.long)).item()
                  for p in pairs]
-    assert chosen.tolist() == pytest.approx(alone, abs=1e-5)
+    assert chosen[0].tolist() == pytest.approx(alone, abs=1e-5)  # [K, B]: the one member's rewards
     assert batch["chosen_length"].tolist() == [len(p.chosen_ids) - p.chosen_prompt_length for p in pairs]
 
 

@@ -116,19 +116,20 @@ def install(fault: str) -> None:
         ppo.gae = gae
     elif name == "nan_gradient_at_step":
         import lightrlhf.stages.base as base  # the clipping SFT and RM share (StageModule)
+        import lightrlhf.stages.rm as rm  # the RM's own (per ensemble member)
         from lightrlhf.stages.rm import RewardModelStage
 
         original_guard = base.guard_and_clip
 
-        def guard_and_clip(stage, optimizer, max_grad_norm):
+        def guard_and_clip(stage, optimizer, max_grad_norm, **kwargs):
             if isinstance(stage, RewardModelStage):
                 count["n"] += 1
                 if count["n"] == int(arg):
                     param = next(p for group in optimizer.param_groups for p in group["params"] if p.grad is not None)
                     param.grad.view(-1)[0] = float("nan")
-            return original_guard(stage, optimizer, max_grad_norm)
+            return original_guard(stage, optimizer, max_grad_norm, **kwargs)
 
-        base.guard_and_clip = guard_and_clip
+        base.guard_and_clip = rm.guard_and_clip = guard_and_clip
     elif name == "kill_at_batch":
         from lightrlhf.callbacks.checkpoint import PeriodicCheckpoint
 
