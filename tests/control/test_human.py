@@ -8,7 +8,6 @@ labels three rendered clip pairs on the real page (skipped without Chromium, as 
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 
@@ -88,22 +87,9 @@ def _round(n: int) -> tuple[Clips, Clips]:
 
 @pytest.fixture(scope="module")
 def browser():
-    from feedback.feedback_support import chromium_paths, headless_chromium
+    from feedback.feedback_support import browser_session
 
-    paths = chromium_paths()
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        paths = None
-    if paths is None:
-        # CI (.ci/run) installs the browser and sets this: there a missing browser is a failure, not a skip
-        if os.environ.get("LIGHTRLHF_REQUIRE_BROWSER") == "1":
-            pytest.fail("LIGHTRLHF_REQUIRE_BROWSER=1 but no browser was found")
-        pytest.skip("no headless browser: install Chromium and its driver to run this test, e.g. "
-                    "`apt-get install -y chromium chromium-driver` (Debian/Ubuntu), and `pip install selenium`")
-    driver = headless_chromium(*paths)
-    yield driver
-    driver.quit()
+    yield from browser_session()
 
 
 @pytest.mark.slow

@@ -109,3 +109,27 @@ class ServerProcess:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+INSTALL = ("no headless browser: install Chromium and its driver to run this test, e.g. "
+           "`apt-get install -y chromium chromium-driver` (Debian/Ubuntu), and `pip install selenium`")
+
+
+def browser_session():
+    """A headless Chromium for a module-scoped fixture (`yield from browser_session()`): skipped with
+    how to install one where there is none, a failure instead under CI (.ci/run sets
+    LIGHTRLHF_REQUIRE_BROWSER=1 after installing it)."""
+    import pytest
+
+    paths = chromium_paths()
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        paths = None
+    if paths is None:
+        if os.environ.get("LIGHTRLHF_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"LIGHTRLHF_REQUIRE_BROWSER=1 but no browser was found: {INSTALL}")
+        pytest.skip(INSTALL)
+    driver = headless_chromium(*paths)
+    yield driver
+    driver.quit()

@@ -8,26 +8,22 @@ skipped with the command that installs them.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 from conftest import train_cli
 from feedback_support import (
     PNG,
     ServerProcess,
-    chromium_paths,
+    browser_session,
     demo_candidates,
     feedback_cli,
     free_port,
-    headless_chromium,
     write_candidates,
 )
 
 from lightrlhf.feedback.__main__ import main as feedback_main
 from lightrlhf.feedback.labels import read_labels
 
-INSTALL = ("no headless browser: install Chromium and its driver to run this test, e.g. "
-           "`apt-get install -y chromium chromium-driver` (Debian/Ubuntu), and `pip install selenium`")
 SCRIPT = "<script>window.pwned = 1; document.title = 'pwned'</script><img src=x onerror=\"window.pwned = 2\">"
 CHINESE = ("请用一句话解释河流和雨 :", "下雨以后，河水慢慢上涨，流进湖里。", "雨 雨 雨")
 LONG = "\n".join(f"{i}. the river and the rain flow gently to the lake ." for i in range(1, 121))
@@ -35,19 +31,7 @@ LONG = "\n".join(f"{i}. the river and the rain flow gently to the lake ." for i 
 
 @pytest.fixture(scope="module")
 def browser():
-    paths = chromium_paths()
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        paths = None
-    if paths is None:
-        # CI (.ci/run) installs the browser and sets this: there a missing browser is a failure, not a skip
-        if os.environ.get("LIGHTRLHF_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"LIGHTRLHF_REQUIRE_BROWSER=1 but no browser was found: {INSTALL}")
-        pytest.skip(INSTALL)
-    driver = headless_chromium(*paths)
-    yield driver
-    driver.quit()
+    yield from browser_session()
 
 
 def candidates_for_the_page(folder) -> list[dict]:
