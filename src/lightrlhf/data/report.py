@@ -40,7 +40,10 @@ class ReportSpec:
     top_prompts: int = 10
     length_bias_warning: float = 0.6
     plots: bool = True
-    workers: int = 2  # processes that tokenize and count beside the one that reads and cleans; 0 = a thread
+    # processes that tokenize and count beside the one that reads and cleans; 0 = a thread. 0 here because a
+    # process that already runs threads (a test runner, a notebook with torch loaded) can deadlock forking
+    # them; the command (conf/report.yaml) forks 2 from its fresh process
+    workers: int = 0
 
 
     def __post_init__(self) -> None:
