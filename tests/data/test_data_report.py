@@ -17,7 +17,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import train_cli
 
 from lightrlhf.data.report import ReportSpec, build_report, write_report
 from lightrlhf.data.source import DataSource
@@ -204,8 +204,10 @@ def test_a_saved_dataset_directory_reports_like_its_file(tmp_path):
 
 
 def run_report(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "lightrlhf.data", "report", *args, f"hydra.run.dir={tmp_path / 'run'}"]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    """`python -m lightrlhf.data report <args>` in a process of its own (forked from the test worker's
+    server of preloaded imports, as train.py's runs are)."""
+    return train_cli([*args, f"hydra.run.dir={tmp_path / 'run'}"], timeout=300,
+                     script=["-m", "lightrlhf.data", "report"])
 
 
 @pytest.mark.slow
@@ -331,7 +333,6 @@ def test_the_report_does_not_depend_on_batches_or_worker_processes():
     """Run in a fresh process, as the report's CLI runs: there the worker processes are forked for real (a
     forked child of a long-lived test process that ran torch can deadlock on a lock another thread held)."""
     import subprocess
-    import sys
 
     results = {}
     for name in ("pref_en.jsonl", "sft_zh.jsonl"):

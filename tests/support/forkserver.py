@@ -3,7 +3,7 @@
 Most of a short test run of train.py is its imports (torch, Lightning, transformers, peft: ten
 seconds or more on the 2-core CI machine, as long as the training itself). This server pays them
 once per test worker; each run is a forked child that runs the script as `python <script> <args>`
-would (runpy, `__main__`), with its own pid, working directory, environment, stdout and stderr
+(or `python -m <module> <args>`) would (runpy, `__main__`), with its own pid, working directory, environment, stdout and stderr
 files, exit status and signals. Nothing has run in the server when it forks: no Hydra state, no
 torch thread pool, only modules imported.
 
@@ -75,7 +75,8 @@ def become(request: dict) -> None:
     os.environ.clear()
     os.environ.update(request["env"])
     sys.argv = list(request["argv"])
-    sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))  # as `python <script>` sets it
+    # as `python <script>` sets it (the script's folder), or `python -m <module>` (the working directory)
+    sys.path[0] = os.getcwd() if sys.argv[0] == "-m" else os.path.dirname(os.path.abspath(sys.argv[0]))
 
 
 if __name__ == "__main__":
@@ -90,4 +91,9 @@ if __name__ == "__main__":
     become(request)
     import runpy
 
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    if sys.argv[0] == "-m":  # `python -m <module> <args>`
+        module = sys.argv[1]
+        sys.argv = [module] + sys.argv[2:]
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    else:
+        runpy.run_path(sys.argv[0], run_name="__main__")
