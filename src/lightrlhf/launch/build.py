@@ -59,8 +59,7 @@ def build(node: Any, key: str, **given: Any) -> Any:
     name = getattr(target, "__name__", str(target))
     for k in fields:
         if k not in params and not accepts_any and k not in given:
-            hint = difflib.get_close_matches(k, list(params), n=1)
-            raise ConfigError(_join(key, k), f"unknown key for {name}" + (f" (did you mean {hint[0]}?)" if hint else ""))
+            raise _unknown_key(_join(key, k), k, params, name)
     kwargs = {k: build(v, _join(key, k)) for k, v in fields.items() if k not in given}
     kwargs.update(given)
     hints = _type_hints(target)
@@ -93,6 +92,11 @@ def call(target: Any, key: str, kwargs: dict[str, Any]) -> Any:
         if type(error).__name__ == "MisconfigurationException":  # Lightning's "your settings conflict"
             raise ConfigError(key, _first_line(error)) from None
         raise
+
+
+def _unknown_key(key: str, name: str, params: dict[str, inspect.Parameter], target_name: str) -> ConfigError:
+    hint = difflib.get_close_matches(name, list(params), n=1)
+    return ConfigError(key, f"unknown key for {target_name}" + (f" (did you mean {hint[0]}?)" if hint else ""))
 
 
 @dataclasses.dataclass
@@ -231,12 +235,14 @@ def validate(node: Any, key: str, given: tuple[str, ...] = ()) -> None:
     for k, value in node.items():
         if k in (TARGET, PARTIAL):
             continue
-        if k not in params and not accepts_any:
-            raise ConfigError(_join(key, k), f"unknown key for {name}")
+        if k not in params and not accepts_any and k not in given:
+            raise _unknown_key(_join(key, k), k, params, name)
         if isinstance(value, dict) and TARGET in value or isinstance(value, list):
             validate(value, _join(key, k))
         elif k in hints:
             check_type(value, hints[k], _join(key, k))
+    if node.get(PARTIAL, False):
+        return  # its remaining arguments come when it is called
     for k, p in params.items():
         if p.default is inspect.Parameter.empty and k not in node and k not in given and p.kind in (
                 inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
