@@ -197,9 +197,11 @@ def _fork_server(env: dict) -> _ForkServer | None:
 
 def start_train(args: list[str], script: list[str] | None = None, env: dict | None = None):
     """Start the real entry point in a process of its own, output captured: a subprocess.Popen (text), or
-    its stand-in from the fork server (pid, poll, wait, send_signal, kill, communicate, returncode)."""
+    its stand-in from the fork server (pid, poll, wait, send_signal, kill, communicate, returncode).
+    `env` adds to this process's environment (a value None removes the variable)."""
     command = [sys.executable] + (script or [str(ROOT / "train.py")]) + args
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None: unset it
     server = _fork_server(full_env)
     if server is not None:
         return server.start(command, full_env)

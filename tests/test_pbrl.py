@@ -80,22 +80,36 @@ def test_killed_after_a_checkpoint_and_resumed_gives_the_uninterrupted_curves(un
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("override,line", [
-    ("stage.teacher=sage", "error: config stage.teacher: must be human or one of the configured teachers "
+BAD_SETTINGS = [
+    ("stage.teacher=sage", "config stage.teacher: must be human or one of the configured teachers "
                            "['equal', 'mistake', 'myopic', 'noisy', 'oracle', 'skip'], got 'sage'"),
-    ("stage.queries.selection=best", "error: config stage.queries.selection: expected one of 'random', "
+    ("stage.queries.selection=best", "config stage.queries.selection: expected one of 'random', "
                                      "'disagreement', 'ucb', got str 'best'"),
-    ("stage.teachers.noisy.beta=-1", "error: config stage.teachers.noisy.beta: must be > 0, got -1.0"),
-    ("reward=maybe", "error: config stage.reward: must be learned or true, got 'maybe'"),
-    ("stage.queries.clip_length=500", "error: config stage.queries.clip_length: must fit in one rollout "
+    ("stage.teachers.noisy.beta=-1", "config stage.teachers.noisy.beta: must be > 0, got -1.0"),
+    ("reward=maybe", "config stage.reward: must be learned or true, got 'maybe'"),
+    ("stage.queries.clip_length=500", "config stage.queries.clip_length: must fit in one rollout "
                                       "(ppo.rollout_steps=128), got 500"),
-])
-def test_a_bad_setting_is_one_line_and_exit_2(tmp_path, override, line):
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_SETTINGS)
+def test_a_bad_setting_names_its_key(tmp_path, override, message):
+    from lightrlhf.errors import ConfigError
+    from lightrlhf.launch.parts import build_stage
+
+    with pytest.raises(ConfigError) as error:
+        build_stage(to_plain(compose(["stage=pbrl", "env=cartpole", override], tmp_path)))
+    assert str(error.value) == message
+
+
+@pytest.mark.slow
+def test_a_bad_setting_is_one_line_and_exit_2_from_the_command_line(tmp_path):
+    """The command line turns the error above into one line and exit status 2, before any directory is claimed."""
+    override, message = BAD_SETTINGS[0]
     run_dir = tmp_path / "run"
     done = train_cli(["stage=pbrl", override, f"hydra.run.dir={run_dir}"])
     assert done.returncode == 2, done.stderr[-3000:]
-    assert done.stderr.splitlines() == [line]
+    assert done.stderr.splitlines() == [f"error: {message}"]
     assert not (run_dir / "run.json").exists()
 
 

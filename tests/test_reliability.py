@@ -73,10 +73,13 @@ def _args(stage: str, request) -> list[str]:
 
 # -- points 4 and 5: killed before the first checkpoint, right after one, or while writing one ----------
 # (stage, the fault: SIGKILL at the start of a batch before the first checkpoint; right after a
-# checkpoint is on disk; halfway through writing one, which leaves a temporary file and the one before)
+# checkpoint is on disk; halfway through writing one, which leaves a temporary file and the one before).
+# What a stage adds to a checkpoint (data order, PPO's rollout state and normaliser) is restored only
+# after a kill right after one: every stage gets that case. Starting again from step 0 and setting a
+# torn write aside are the launcher's and the checkpoint writer's, the same code for every stage: SFT
+# (the cheapest) and PPO (its first checkpoint torn: nothing to resume from) cover them.
 KILLS = [("sft", "kill_at_batch:8"), ("sft", "kill_after_checkpoint:1"), ("sft", "kill_during_checkpoint:2"),
-         ("rm", "kill_at_batch:8"), ("rm", "kill_after_checkpoint:1"), ("rm", "kill_during_checkpoint:2"),
-         ("ppo", "kill_at_batch:2"), ("ppo", "kill_after_checkpoint:1"), ("ppo", "kill_during_checkpoint:1")]
+         ("rm", "kill_after_checkpoint:1"), ("ppo", "kill_after_checkpoint:1"), ("ppo", "kill_during_checkpoint:1")]
 
 
 @pytest.mark.slow

@@ -102,7 +102,7 @@ def uninterrupted_sft(tmp_path_factory):
     return shared(tmp_path_factory, "workflow-uninterrupted-sft", make)
 
 
-@pytest.mark.parametrize("after_seconds", [1.5, 3.5, 5.5])
+@pytest.mark.parametrize("after_seconds", [1.5, 4.5])
 def test_sigkill_at_any_moment_then_resume_continues_the_curves_once(tmp_path, uninterrupted_sft, after_seconds):
     """Killed at a wall-clock moment after training started (not at a hook): in a write, a step, a
     validation. Resumed, every curve equals the uninterrupted run's, tag for tag, step for step."""
