@@ -16,6 +16,9 @@ pytestmark = pytest.mark.slow
 # this machine's speed has been measured to vary 2x between days and 25% within the hour, and in the
 # parallel suite it shares the cores with the other worker.
 DEMO_TIMEOUT_S = 1800
+# As `make demo` runs: threads chosen by the launcher (the CPUs the other test worker leaves free, re-measured
+# while training), not pinned to one, so the demo takes the second core once the rest of the suite is done.
+AS_MAKE_DEMO = {"OMP_NUM_THREADS": None}
 
 
 def test_the_default_demo_meets_its_targets_and_resume_skips_finished_stages(tmp_path):
@@ -24,7 +27,7 @@ def test_the_default_demo_meets_its_targets_and_resume_skips_finished_stages(tmp
     scorer >= 90% of the time, PPO gains >= 1 standard deviation of the SFT policy's gold scores with its
     KL within 2x its target."""
     run_dir = tmp_path / "demo"
-    done = train_cli([f"hydra.run.dir={run_dir}"], timeout=DEMO_TIMEOUT_S)
+    done = train_cli([f"hydra.run.dir={run_dir}"], timeout=DEMO_TIMEOUT_S, env=AS_MAKE_DEMO)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "hidden gold score: untrained" in done.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -44,7 +47,7 @@ def test_the_default_demo_meets_its_targets_and_resume_skips_finished_stages(tmp
     assert rm["base"]["name_or_path"] == str(run_dir / "sft" / "export")  # the RM sits on the SFT model
 
     stamps = {s: (run_dir / s / "metrics.json").stat().st_mtime_ns for s in ("sft", "rm", "ppo")}
-    again = train_cli([f"resume={run_dir}"], timeout=DEMO_TIMEOUT_S)
+    again = train_cli([f"resume={run_dir}"], timeout=DEMO_TIMEOUT_S, env=AS_MAKE_DEMO)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("already finished") == 3
     assert stamps == {s: (run_dir / s / "metrics.json").stat().st_mtime_ns for s in ("sft", "rm", "ppo")}
@@ -57,7 +60,7 @@ def test_a_length_biased_annotator_provokes_length_hacking_and_the_tripwire_fire
     done = train_cli([f"hydra.run.dir={run_dir}", "demo.annotator.length_bias=1.0",
                       'pipeline.extra.rm=["trainer.max_steps=300","trainer.val_check_interval=300"]',
                       'pipeline.extra.ppo=["stage.rollouts=20","stage.eval.num_prompts=64","trainer.val_check_interval=20"]'],
-                     timeout=DEMO_TIMEOUT_S)
+                     timeout=DEMO_TIMEOUT_S, env=AS_MAKE_DEMO)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "alert length_drift at rollout" in done.stderr + done.stdout
     rm = json.loads((run_dir / "rm" / "metrics.json").read_text())["metrics"]

@@ -20,10 +20,13 @@ import torch
 from conftest import every_curve, shared, train_cli, train_with_fault
 from safetensors.torch import load_file
 
+# small batches and demo files: what is under test is where a run stops and resumes, not what it learns
+SMALL = ["demo.sft_size=1000", "demo.preference_size=2000", "demo.validation_size=64"]
 SFT = ["stage=sft", "trainer.max_steps=30", "trainer.val_check_interval=15", "callbacks.checkpoint.every_n_steps=10",
-       "trainer.log_every_n_steps=5", "stage.eval.num_prompts=16", "model.lora.r=4"]
+       "trainer.log_every_n_steps=5", "stage.eval.num_prompts=16", "model.lora.r=4", "stage.datamodule.batch_size=8",
+       *SMALL]
 RM = ["stage=rm", "data=demo_pref", "trainer.max_steps=20", "trainer.val_check_interval=15",
-      "callbacks.checkpoint.every_n_steps=10", "trainer.log_every_n_steps=5"]
+      "callbacks.checkpoint.every_n_steps=10", "trainer.log_every_n_steps=5", "stage.datamodule.batch_size=8", *SMALL]
 
 
 def _ppo(exports) -> list[str]:
@@ -275,8 +278,9 @@ def test_max_steps_zero_is_a_config_error(tmp_path):
 
 TWO_STEPS = ['pipeline.steps=[{name: sft, overrides: ["stage=sft", "trainer.max_steps=10", "trainer.val_check_interval=10",'
              ' "stage.eval.num_prompts=16"]}, {name: rm, overrides: ["stage=rm", "data=demo_pref",'
-             ' "model.name_or_path={sft}/export", "trainer.max_steps=20", "trainer.val_check_interval=20"]}]',
-             "~pipeline.extra", "callbacks.checkpoint.every_n_steps=10"]
+             ' "model.name_or_path={sft}/export", "trainer.max_steps=20", "trainer.val_check_interval=20",'
+             ' "stage.datamodule.batch_size=8"]}]',
+             "~pipeline.extra", "callbacks.checkpoint.every_n_steps=10", *SMALL]
 
 
 @pytest.mark.slow
