@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import scalar_curve, train_cli
+from conftest import SMALL_DEMO, scalar_curve, train_cli
 
 pytestmark = pytest.mark.slow
-FAST = ["stage.eval.num_prompts=32", "trainer.val_check_interval=10", "callbacks.checkpoint.every_n_steps=10"]
+FAST = ["stage.eval.num_prompts=32", "trainer.val_check_interval=10", "callbacks.checkpoint.every_n_steps=10",
+        "stage.datamodule.batch_size=8", *SMALL_DEMO]
 
 
 def test_help_lists_the_config_groups():

@@ -13,11 +13,13 @@ import time
 
 import pytest
 import torch
-from conftest import start_train, train_cli, train_with_fault
+from conftest import SMALL_DEMO, start_train, train_cli, train_with_fault
 
 pytestmark = pytest.mark.slow
+# small batches and demo files: the faults are under test, not what is learned
+SMALL = ["stage.datamodule.batch_size=8", *SMALL_DEMO]
 SFT = ["stage=sft", "trainer.max_steps=40", "callbacks.checkpoint.every_n_steps=10", "trainer.val_check_interval=40",
-       "stage.eval.num_prompts=16"]
+       "stage.eval.num_prompts=16", *SMALL]
 
 
 def _checkpoints(run_dir):
@@ -71,7 +73,7 @@ def test_nan_gradient_in_the_reward_model_stops_before_the_step(tmp_path):
     run_dir = tmp_path / "rm"
     done = train_with_fault("nan_gradient_at_step:7", [
         "stage=rm", "data=demo_pref", "trainer.max_steps=20", "callbacks.checkpoint.every_n_steps=5",
-        "trainer.val_check_interval=20", f"hydra.run.dir={run_dir}"])
+        "trainer.val_check_interval=20", *SMALL, f"hydra.run.dir={run_dir}"])
     assert done.returncode == 3, done.stderr[-2000:]
     assert done.stderr.splitlines()[-1].startswith("error: rm stage, step 6: gradient_norm is nan; stopped before")
     assert _checkpoints(run_dir) == ["step-00000005.ckpt"]
@@ -103,7 +105,7 @@ def _interrupt_and_resume(run_dir, args, signum, code, more_steps):
 def test_sigterm_and_sigint_save_a_checkpoint_and_say_how_to_resume(tmp_path, signum, code):
     run_dir = tmp_path / "run"
     args = ["stage=sft", "trainer.max_steps=100000", "callbacks.checkpoint.every_n_steps=100000",
-            "trainer.val_check_interval=100000", "stage.eval.at_start=false", f"hydra.run.dir={run_dir}"]
+            "trainer.val_check_interval=100000", "stage.eval.at_start=false", *SMALL, f"hydra.run.dir={run_dir}"]
     step, record = _interrupt_and_resume(run_dir, args, signum, code, lambda step: f"trainer.max_steps={step + 5}")
     assert record["global_step"] == step + 5
 
@@ -181,7 +183,7 @@ def test_a_diverged_run_in_skip_mode_stops_after_max_consecutive_skips(tmp_path,
     """lr=1e30: after the first step every batch is NaN. Lightning still calls the clipping hook around
     each skipped step; that must not count as a good batch, nor may a finite loss whose gradient is not."""
     done = train_cli(stage + ["numerics.on_nonfinite=skip", "stage.optim.lr=1e30", "trainer.max_steps=60",
-                              "trainer.val_check_interval=20", f"hydra.run.dir={tmp_path / 'run'}"])
+                              "trainer.val_check_interval=20", *SMALL, f"hydra.run.dir={tmp_path / 'run'}"])
     assert done.returncode == 3, done.stderr[-2000:]
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stdout + done.stderr, done.stderr[-2000:]
@@ -194,7 +196,7 @@ def test_a_diverged_run_in_skip_mode_stops_after_max_consecutive_skips(tmp_path,
 def test_evaluation_of_a_diverged_model_is_one_line_not_a_sampling_traceback(tmp_path):
     done = train_cli(["stage=sft", "numerics.on_nonfinite=skip", "numerics.max_consecutive_skips=100",
                       "stage.optim.lr=1e30", "trainer.max_steps=60", "trainer.val_check_interval=8",
-                      "callbacks.checkpoint.every_n_steps=1000", "stage.eval.num_prompts=16",
+                      "callbacks.checkpoint.every_n_steps=1000", "stage.eval.num_prompts=16", *SMALL,
                       f"hydra.run.dir={tmp_path / 'run'}"])
     assert done.returncode == 3, done.stderr[-2000:]
     assert "Traceback" not in done.stdout + done.stderr, done.stderr[-2000:]

@@ -17,11 +17,11 @@ import signal
 
 import pytest
 import torch
-from conftest import every_curve, shared, train_cli, train_with_fault
+from conftest import SMALL_DEMO, every_curve, shared, train_cli, train_with_fault
 from safetensors.torch import load_file
 
 # small batches and demo files: what is under test is where a run stops and resumes, not what it learns
-SMALL = ["demo.sft_size=1000", "demo.preference_size=2000", "demo.validation_size=64"]
+SMALL = SMALL_DEMO
 SFT = ["stage=sft", "trainer.max_steps=30", "trainer.val_check_interval=15", "callbacks.checkpoint.every_n_steps=10",
        "trainer.log_every_n_steps=5", "stage.eval.num_prompts=16", "model.lora.r=4", "stage.datamodule.batch_size=8",
        *SMALL]

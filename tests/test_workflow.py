@@ -9,12 +9,13 @@ import signal
 import time
 
 import pytest
-from conftest import CONF, every_curve, scalar_curve, shared, start_train, train_cli, train_with_fault
+from conftest import CONF, SMALL_DEMO, every_curve, scalar_curve, shared, start_train, train_cli, train_with_fault
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 pytestmark = pytest.mark.slow
-QUICK_PIPELINE = ['pipeline.extra.sft=["trainer.max_steps=20","stage.eval.num_prompts=32"]',
-                  'pipeline.extra.rm=["trainer.max_steps=20","trainer.val_check_interval=20"]',
+QUICK_PIPELINE = [*SMALL_DEMO,
+                  'pipeline.extra.sft=["trainer.max_steps=20","stage.eval.num_prompts=32","stage.datamodule.batch_size=8"]',
+                  'pipeline.extra.rm=["trainer.max_steps=20","trainer.val_check_interval=20","stage.datamodule.batch_size=8"]',
                   'pipeline.extra.ppo=["stage.rollouts=3","stage.eval.num_prompts=32","stage.datamodule.batch_size=16",'
                   '"reward.normalize.init_rollouts=1","trainer.val_check_interval=3","callbacks.checkpoint.every_n_steps=8"]']
 
@@ -130,7 +131,8 @@ def test_sigkill_at_any_moment_then_resume_continues_the_curves_once(tmp_path, u
 def test_grid_sweep_reports_a_failed_run_without_stopping_the_others(tmp_path):
     sweep = tmp_path / "sweep"
     done = train_cli(["-m", "stage=rm", "data=demo_pref", "stage.optim.lr=1e-3,-1", "model.lora.r=4,8",
-                      "trainer.max_steps=4", "trainer.val_check_interval=4", f"hydra.sweep.dir={sweep}"])
+                      "trainer.max_steps=4", "trainer.val_check_interval=4", "stage.datamodule.batch_size=8",
+                      *SMALL_DEMO, f"hydra.sweep.dir={sweep}"])
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((sweep / "sweep_summary.json").read_text())
     assert len(summary["runs"]) == 4
@@ -150,7 +152,8 @@ def test_grid_sweep_reports_a_failed_run_without_stopping_the_others(tmp_path):
 def test_two_trial_optuna_sweep_writes_its_summary(tmp_path):
     sweep = tmp_path / "optuna"
     done = train_cli(["-m", "hparams_search=rm_optuna", "hydra.sweeper.n_trials=2", "trainer.max_steps=4",
-                      "trainer.val_check_interval=4", f"hydra.sweep.dir={sweep}"])
+                      "trainer.val_check_interval=4", "stage.datamodule.batch_size=8", *SMALL_DEMO,
+                      f"hydra.sweep.dir={sweep}"])
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((sweep / "sweep_summary.json").read_text())
     assert len(summary["runs"]) == 2 and summary["best"] is not None
