@@ -155,6 +155,18 @@ def test_the_experiment_composes_into_the_planned_steps(tmp_path):
     assert cfg.stage.eval_prompts.validation_path.kind == "prompts" and cfg.data.validation_path.kind == "preference"
 
 
+def test_an_extra_replaces_the_steps_own_setting_of_the_same_key(tmp_path):
+    """Only the override that holds is composed and recorded: a resume compares the same list."""
+    from hydra import initialize_config_dir
+
+    spec = _spec([{"name": "rm", "overrides": ["stage=rm", "data=demo_pref", "trainer.max_steps=1000"]}],
+                 extra={"rm": ["trainer.max_steps=4"]})
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg, overrides, _ = compose_step(spec.steps[0], spec, tmp_path, [], {"stage": True, "data": True}, "train")
+    assert cfg.trainer.max_steps == 4
+    assert [o for o in overrides if o.startswith("trainer.max_steps")] == ["trainer.max_steps=4"]
+
+
 @pytest.mark.parametrize("value", [0, -1, "two", True, 1.5])
 def test_parallel_must_be_a_positive_integer(value):
     with pytest.raises(ConfigError) as error:

@@ -205,8 +205,8 @@ def compose_step(step: Step, spec: PipelineSpec, run_dir: Path, global_overrides
     extra += [o.format(**directories) for o in step.fixed]
     extra.append(f"paths.output_dir={run_dir / step.name}")
     later = {override_key(o) for o in extra}
-    # an extra replaces the step's own setting of the same key (the demo's 1,000 reward-model steps by a
-    # test's 4): only the one that holds is composed and recorded, so a resume sees the same overrides
+    # an extra replaces the step's own setting of the same key (a step's trainer.max_steps by a test's
+    # 4): only the one that holds is composed and recorded, so a resume sees the same overrides
     own = [o for o in own if override_key(o) not in later]
     global_overrides = [o for o in global_overrides if override_key(o) not in later]  # the step sets these itself
     picks = [o for o in global_overrides if groups.get(override_key(o))]
