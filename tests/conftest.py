@@ -245,7 +245,7 @@ FAULTS = [str(Path(__file__).parent / "support" / "run_with_faults.py")]
 
 # Smaller demo files (generated once per session like the full ones): for runs whose subject is the
 # machinery -- stopping, resuming, failing -- rather than what is learned from the data.
-SMALL_DEMO = ["demo.sft_size=1000", "demo.preference_size=2000", "demo.validation_size=64"]
+SMALL_DEMO = ["demo.sft_size=1000", "demo.preference_size=2000", "demo.prompt_size=512", "demo.validation_size=64"]
 
 
 def train_with_fault(fault: str, args: list[str], timeout: float = 600):

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ROOT, train_cli
+from conftest import ROOT, SMALL_DEMO, train_cli
 
 pytestmark = pytest.mark.slow
-QUICK = ["trainer=ddp", "trainer.max_steps=6", "trainer.val_check_interval=6", "callbacks.checkpoint.every_n_steps=3"]
+QUICK = ["trainer=ddp", "trainer.max_steps=6", "trainer.val_check_interval=6", "callbacks.checkpoint.every_n_steps=3",
+         "stage.datamodule.batch_size=8", *SMALL_DEMO]
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +47,7 @@ def _one_run(run_dir):
 
 
 @pytest.mark.parametrize("stage", [["stage=sft", "stage.eval.num_prompts=16"],
-                                   ["stage=rm", "data=demo_pref", "stage.datamodule.batch_size=16"]])
+                                   ["stage=rm", "data=demo_pref"]])
 def test_ddp_on_two_cpu_processes(tmp_path, stage):
     before = _outputs_snapshot()
     run_dir = tmp_path / "run"

@@ -63,7 +63,7 @@ def test_nan_in_a_ppo_rollout_names_the_quantity(tmp_path, exports, fault, quant
         "stage=ppo", "data=demo_prompts", f"policy.init={exports / 'sft' / 'export'}",
         f"reward.path={exports / 'rm' / 'export'}", "stage.datamodule.batch_size=8", "stage.rollouts=4",
         "stage.eval.num_prompts=8", "reward.normalize.init_rollouts=1", "callbacks.checkpoint.every_n_steps=8",
-        f"hydra.run.dir={run_dir}"])
+        *SMALL_DEMO, f"hydra.run.dir={run_dir}"])
     assert done.returncode == 3, done.stderr[-2000:]
     assert done.stderr.splitlines()[-1].startswith(f"error: ppo stage, step 8: {quantity} is nan; stopped before")
     assert _checkpoints(run_dir) == ["step-00000008.ckpt"]
@@ -115,7 +115,7 @@ def test_sigterm_during_ppo_saves_the_rollout_state_and_resumes(tmp_path, export
     args = ["stage=ppo", "data=demo_prompts", f"policy.init={exports / 'sft' / 'export'}",
             f"reward.path={exports / 'rm' / 'export'}", "stage.datamodule.batch_size=8", "stage.rollouts=100000",
             "stage.eval.at_start=false", "reward.normalize.init_rollouts=1", "callbacks.checkpoint.every_n_steps=100000",
-            "trainer.val_check_interval=100000", f"hydra.run.dir={run_dir}"]
+            "trainer.val_check_interval=100000", *SMALL_DEMO, f"hydra.run.dir={run_dir}"]
     step, record = _interrupt_and_resume(run_dir, args, signal.SIGTERM, 143,
                                          lambda step: f"stage.rollouts={step // 8 + 2}")
     assert record["status"] == "completed" and record["global_step"] == step + 2 * 8  # 8 optimizer steps a rollout
@@ -131,7 +131,7 @@ def test_unwritable_output_directory_is_one_line(tmp_path):
 
 
 def test_missing_or_wrong_exports_between_stages(tmp_path, exports):
-    ppo = ["stage=ppo", "data=demo_prompts", f"hydra.run.dir={tmp_path / 'run'}"]
+    ppo = ["stage=ppo", "data=demo_prompts", *SMALL_DEMO, f"hydra.run.dir={tmp_path / 'run'}"]
     cases = [
         ([f"policy.init={tmp_path / 'nothing'}", f"reward.path={exports / 'rm' / 'export'}"],
          f"error: config policy.init: {tmp_path / 'nothing'} is not a model directory"),

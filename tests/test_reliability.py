@@ -33,7 +33,7 @@ def _ppo(exports) -> list[str]:
     return ["stage=ppo", "data=demo_prompts", f"policy.init={exports / 'sft' / 'export'}",
             f"reward.path={exports / 'rm' / 'export'}", "stage.datamodule.batch_size=8", "stage.eval.num_prompts=16",
             "stage.eval.batch_size=16", "reward.normalize.init_rollouts=1", "stage.rollouts=4",
-            "trainer.val_check_interval=3", "callbacks.checkpoint.every_n_steps=16"]
+            "trainer.val_check_interval=3", "callbacks.checkpoint.every_n_steps=16", *SMALL_DEMO]
 
 
 def _assert_same_curves(run_dir, reference):
