@@ -49,6 +49,11 @@ class EpochShuffleSampler(Sampler[int]):
     so a run resumed mid-epoch replays the same order for the rest of that epoch and for every
     later one. (A shared `torch.Generator` drifts after a mid-epoch restore of a
     StatefulDataLoader -- the next epoch's order then differs from an uninterrupted run.)
+
+    The epoch and the position in it are part of the loader's checkpointed state: a StatefulDataLoader
+    restores its position by drawing a new order from the sampler *before* Lightning calls
+    `set_epoch` for the resumed epoch, so without its own epoch a run resumed in epoch 1 or later
+    finished that epoch in epoch 0's order.
     """
 
     def __init__(self, size: int, seed: int):
@@ -60,9 +65,37 @@ class EpochShuffleSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.size
 
-    def __iter__(self):
+    def __iter__(self) -> _Order:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        return _Order(torch.randperm(self.size, generator=generator).tolist())
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+
+
+class _Order:
+    """One epoch's order and how far it got (saved and restored by a StatefulDataLoader)."""
+
+    def __init__(self, order: list[int]):
+        self.order, self.position = order, 0
+
+    def __iter__(self) -> _Order:
+        return self
+
+    def __next__(self) -> int:
+        if self.position >= len(self.order):
+            raise StopIteration
+        self.position += 1
+        return self.order[self.position - 1]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = int(state["position"])
 
 
 class ListDataset(Dataset):
