@@ -235,6 +235,26 @@ def test_bad_loss_settings_are_config_errors_naming_the_key(override, key):
     assert error.value.key == key and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("override,message", [
+    ("stage.loss_type=kto", "config stage.loss_type: expected one of 'sigmoid', 'ipo', 'hinge', got str 'kto'"),
+    ("+stage.los_type=ipo", "config stage.los_type: unknown key for DPOStage (did you mean loss_type?)"),
+    ("+stage.datamodule.batch=4", "config stage.datamodule.batch: unknown key for PreferenceDataModule "
+                                  "(did you mean batch_size?)"),
+])
+def test_the_stages_own_settings_are_checked_before_its_data_is_read(tmp_path, override, message):
+    """The data file does not exist: the stage's setting is what is reported, not the missing file."""
+    from conftest import compose
+
+    from lightrlhf.errors import ConfigError
+    from lightrlhf.launch.parts import build_stage
+    from lightrlhf.launch.run import to_plain
+
+    cfg = compose(["stage=dpo", "data=jsonl", f"data.path={tmp_path / 'absent.jsonl'}", override], tmp_path)
+    with pytest.raises(ConfigError) as error:
+        build_stage(to_plain(cfg))
+    assert str(error.value) == message
+
+
 @pytest.mark.slow
 def test_a_bad_loss_type_is_one_line_and_exit_2(tmp_path):
     done = train_cli(["stage=dpo", "stage.loss_type=kto", f"hydra.run.dir={tmp_path / 'run'}"])

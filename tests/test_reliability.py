@@ -21,12 +21,11 @@ from conftest import SMALL_DEMO, every_curve, shared, train_cli, train_with_faul
 from safetensors.torch import load_file
 
 # small batches and demo files: what is under test is where a run stops and resumes, not what it learns
-SMALL = SMALL_DEMO
 SFT = ["stage=sft", "trainer.max_steps=30", "trainer.val_check_interval=15", "callbacks.checkpoint.every_n_steps=10",
        "trainer.log_every_n_steps=5", "stage.eval.num_prompts=16", "model.lora.r=4", "stage.datamodule.batch_size=8",
-       *SMALL]
+       *SMALL_DEMO]
 RM = ["stage=rm", "data=demo_pref", "trainer.max_steps=20", "trainer.val_check_interval=15",
-      "callbacks.checkpoint.every_n_steps=10", "trainer.log_every_n_steps=5", "stage.datamodule.batch_size=8", *SMALL]
+      "callbacks.checkpoint.every_n_steps=10", "trainer.log_every_n_steps=5", "stage.datamodule.batch_size=8", *SMALL_DEMO]
 
 
 def _ppo(exports) -> list[str]:
@@ -280,7 +279,7 @@ TWO_STEPS = ['pipeline.steps=[{name: sft, overrides: ["stage=sft", "trainer.max_
              ' "stage.eval.num_prompts=16"]}, {name: rm, overrides: ["stage=rm", "data=demo_pref",'
              ' "model.name_or_path={sft}/export", "trainer.max_steps=20", "trainer.val_check_interval=20",'
              ' "stage.datamodule.batch_size=8"]}]',
-             "~pipeline.extra", "callbacks.checkpoint.every_n_steps=10", *SMALL]
+             "~pipeline.extra", "callbacks.checkpoint.every_n_steps=10", *SMALL_DEMO]
 
 
 @pytest.mark.slow

@@ -42,13 +42,10 @@ def build_stage(plain: dict[str, Any]) -> tuple[Stage, Any]:
         return stage, None
     # the stage's own settings are checked (known keys, value types) before the data is read and the
     # model loaded: a misspelt loss type is one line in a second, not after tokenizing the data
-    roles = tuple(ROLE_BLOCKS)
     validate({k: v for k, v in stage_node.items() if k not in ("model", "datamodule")}, "stage",
-             given=("model", "datamodule") + roles)
-    if "model" in stage_node:
-        validate(stage_node["model"], "stage.model", given=("spec", "tokenizer") + roles)
-    if "datamodule" in stage_node:
-        validate(stage_node["datamodule"], "stage.datamodule", given=("source", "tokenizer"))
+             given=("model", "datamodule") + ROLE_BLOCKS)
+    validate(stage_node["model"], "stage.model", given=("spec", "tokenizer") + ROLE_BLOCKS)
+    validate(stage_node["datamodule"], "stage.datamodule", given=("source", "tokenizer"))
     spec = build(plain["model"], "model")
     tokenizer = load_tokenizer(spec)
     source = build(plain["data"], "data")
