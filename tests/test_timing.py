@@ -75,6 +75,19 @@ def test_benchmark_overrides_compose_and_build_the_timer(name, tmp_path):
     assert plain["model"]["lora"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
+@pytest.mark.parametrize("name", ["sft", "rm", "ppo", "dpo", "grpo"])
+def test_benchmark_data_is_trained_as_the_peers_read_it(name, tmp_path):
+    """No cleaning step may touch the PEERS.md files: the default whitespace step strips the prompts'
+    leading space, which shortens every 128-token sequence (the workload check then refuses to run)."""
+    from lightrlhf.data.clean import CleaningSpec, normalize_text
+
+    clean = _bench_config(name, tmp_path)["data"]["clean"]
+    spec = CleaningSpec(**{k: v for k, v in clean.items() if k != "_target_"})
+    assert not spec.drop_duplicates
+    for text in (" bopu pozo zifuru.", "a  b\r\n", "ｆｕｌｌ\u200b"):
+        assert normalize_text(text, spec) == text
+
+
 def _bench_config(name: str, tmp_path) -> dict:
     from conftest import compose
 

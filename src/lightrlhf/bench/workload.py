@@ -37,6 +37,9 @@ PROMPT_TOKENS, SEQUENCE_TOKENS, NEW_TOKENS, BATCH = 64, 128, 64, 16
 GROUP = 4  # GRPO/RLOO: responses per prompt (trl's num_generations)
 LORA_TARGETS = "[q_proj,k_proj,v_proj,o_proj]"
 ONLINE = ("ppo", "ppo1", "grpo", "rloo")  # sample, score and log time/rollout_s, time/update_s
+# The peers train on the files as they are: no cleaning step may change a token of the workload (the
+# default whitespace step would strip the prompts' leading space and shorten every sequence).
+NO_CLEANING = {"unicode": None, "control_chars": False, "whitespace": False, "drop_duplicates": False}
 
 
 class BenchError(Exception):
@@ -91,6 +94,7 @@ def verify_assets(assets: Path) -> tuple[dict[str, str], list[str]]:
 def check_sequence_lengths(assets: Path) -> dict[str, Any]:
     """Tokenize the three data files with lightrlhf's own data modules (the code train.py runs) and
     check the PEERS.md lengths: 64 + 63 + EOS = 128 per trained sequence, 64-token prompts, no BOS."""
+    from lightrlhf.data.clean import CleaningSpec
     from lightrlhf.data.modules import PreferenceDataModule, PromptDataModule, SFTDataModule
     from lightrlhf.data.source import DataSource
     from lightrlhf.models.loading import load_tokenizer
@@ -100,7 +104,7 @@ def check_sequence_lengths(assets: Path) -> dict[str, Any]:
 
     def module(cls, name: str):
         source = DataSource(path=str(assets / name), val_fraction=0.0, max_length=SEQUENCE_TOKENS,
-                            max_prompt_length=PROMPT_TOKENS)
+                            max_prompt_length=PROMPT_TOKENS, clean=CleaningSpec(**NO_CLEANING))
         dm = cls(source=source, tokenizer=tokenizer, batch_size=BATCH)
         dm.setup("fit")
         return dm
@@ -200,6 +204,7 @@ def _common(assets: Path, data: str) -> list[str]:
         "model.lora.r=16", "model.lora.alpha=32", "model.lora.dropout=0.0", f"model.lora.target_modules={LORA_TARGETS}",
         "data=jsonl", f"data.path={assets / data}", f"data.max_length={SEQUENCE_TOKENS}",
         f"data.max_prompt_length={PROMPT_TOKENS}",
+        *(f"data.clean.{key}={'null' if value is None else str(value).lower()}" for key, value in NO_CLEANING.items()),
         # detail: one held-out example (the least DataSource allows): run() validates once after
         # fit, outside the timed loop, and returns a validation metric; keep that negligible.
         "data.val_fraction=0.0",
