@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 from lightrlhf.errors import ConfigError, UserError
 from lightrlhf.models.actor_critic import PolicySpec, load_actor_critic
 from lightrlhf.rewards.spec import Component, RewardSpec
+from lightrlhf.training.alerts import AlertSpec, Tripwires
 
 FAST_EVAL = ["stage.eval.num_prompts=16", "stage.eval.batch_size=16", "reward.normalize.init_rollouts=1"]
 
@@ -126,6 +128,71 @@ def test_step_zero_ratio_is_exactly_one_and_kl_exactly_zero(actor, monkeypatch, 
     stats = stage.update(batch)
     assert stats["policy/ratio_mean"] == 1.0 and stats["policy/approxkl"] == 0.0 and stats["policy/clipfrac"] == 0.0
     assert stats["policy/kl_loss"] == 0.0 and stats["policy/optimizer_steps"] == 1.0
+
+
+def test_the_reward_model_runs_each_prompt_once_and_scores_as_whole_rows_do(actor, monkeypatch):
+    """k responses to one prompt: the shared-base reward adapter runs the prompt once (the same scores as
+    k whole rows to float rounding); rows given without their grouping run whole."""
+    from lightrlhf.models.reward import backbone_of
+
+    stage = _stage(actor)
+    roll = _first_batch(stage).rollout
+    backbone = backbone_of(actor.module)
+    seen = []
+    original = type(backbone).forward
+
+    @functools.wraps(original)  # keeps the signature the cache keyword is read from
+    def counting(self, *args, **kwargs):
+        seen.append(kwargs["input_ids"].shape)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(backbone), "forward", counting)
+
+    class WholeRows:  # the same rows, nothing said about their groups
+        sequences, attention_mask = roll.sequences, roll.attention_mask
+        prompts, raw_prompts, texts = roll.prompts, roll.raw_prompts, roll.texts
+
+    score = actor.reward_model()
+    with torch.no_grad():
+        grouped_scores = score(roll)
+        grouped_shapes, seen[:] = list(seen), []
+        whole_scores = score(WholeRows())
+    rows, width, responses = roll.rows, roll.prompt_width, roll.responses.shape[1]
+    assert grouped_shapes == [(rows // 4, width), (rows, responses)]  # prompts once, then the responses
+    assert seen == [(rows, width + responses)]
+    torch.testing.assert_close(grouped_scores, whole_scores, atol=1e-5, rtol=1e-5)
+
+
+def test_at_beta_zero_the_reference_runs_only_to_measure_the_kl(actor, monkeypatch):
+    """kl.coef=0 with kl.measure=false runs no reference forward (trl's GRPO at beta 0): the same samples,
+    loss and gradient as with the measurement, and no objective/kl logged rather than a KL of 0."""
+    results = {}
+    for measure in (True, False):
+        stage = _stage(actor, kl={"coef": 0.0, "measure": measure}, group={"num_iterations": 1, "num_minibatches": 1})
+        optimizer = _no_lightning(stage, monkeypatch)
+        calls = []
+        original = type(actor).reference_context
+        monkeypatch.setattr(actor, "reference_context", lambda: calls.append(1) or original(actor))
+        batch = _first_batch(stage)
+        stats = stage.update(batch)
+        metrics = stage.rollout_metrics(batch, stats)
+        grads = [p.grad.clone() for g in optimizer.param_groups for p in g["params"]]
+        results[measure] = (batch, stats, metrics, grads, len(calls))
+    (measured, m_stats, m_metrics, m_grads, m_calls), (skipped, s_stats, s_metrics, s_grads, s_calls) = \
+        results[True], results[False]
+    assert m_calls >= 1 and s_calls == 0
+    assert skipped.rollout.ref_logprobs is None and skipped.kl is None
+    assert torch.equal(measured.rollout.responses, skipped.rollout.responses)
+    assert torch.equal(measured.rewards, skipped.rewards) and torch.equal(measured.advantages, skipped.advantages)
+    assert m_stats["policy/loss"] == s_stats["policy/loss"]
+    for a, b in zip(m_grads, s_grads):
+        assert torch.equal(a, b)
+    assert m_metrics["objective/kl"] == 0.0 and "objective/kl" not in s_metrics
+    assert s_metrics["objective/non_score_reward"] == 0.0
+    tripwires = Tripwires(AlertSpec(), kl_target=4.0)
+    tripwires.baseline = {"length_mean": 10.0, "score_mean": 0.0, "frac_ended_with_eos": 1.0}
+    fired, _ = tripwires.check(s_metrics, rollout=1)
+    assert fired["alerts/kl_exceeded"] == 0.0
 
 
 @pytest.mark.parametrize("stage_name", ["grpo", "rloo"])

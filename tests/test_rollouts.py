@@ -150,3 +150,48 @@ def test_group_order_shuffles_whole_groups_by_hand():
     order = group_order(6, 2, generator).tolist()
     assert order == [row for g in groups for row in (2 * g, 2 * g + 1)]
     assert sorted(order) == list(range(6)) and groups != [0, 1, 2]
+
+
+@pytest.fixture
+def trained_actor(tiny_spec, tiny_tokenizer):
+    """A policy whose adapter is not the identity (a fresh LoRA's B is zero: merging it changes nothing)."""
+    torch.manual_seed(0)
+    actor = load_actor_critic(tiny_spec, tiny_tokenizer, PolicySpec(None), reward=REWARD, critic=False)
+    with torch.no_grad():
+        for name, param in actor.module.named_parameters():
+            if ".policy." in name and "lora_B" in name:
+                param.normal_(std=0.05)
+    return actor
+
+
+def test_sampling_with_the_adapter_merged_draws_the_same_and_restores_the_base_bit_for_bit(trained_actor, tiny_tokenizer):
+    from dataclasses import replace
+
+    from peft.tuners.lora import LoraLayer
+
+    from lightrlhf.models.adapters import merged_adapter
+
+    actor, module = trained_actor, trained_actor.module
+    before = {name: param.detach().clone() for name, param in module.named_parameters()}
+    spec = GenerationSpec(max_new_tokens=10)
+    merged = sample_responses(actor, _ids(tiny_tokenizer), PROMPTS, PROMPTS, spec, torch.Generator().manual_seed(3),
+                              group_size=4)
+    plain = sample_responses(actor, _ids(tiny_tokenizer), PROMPTS, PROMPTS, replace(spec, merge_adapter=False),
+                             torch.Generator().manual_seed(3), group_size=4)
+    assert torch.equal(merged.responses, plain.responses) and merged.texts == plain.texts
+    # every weight, the frozen base (the reference) included, is exactly what it was
+    assert all(torch.equal(before[name], param) for name, param in module.named_parameters())
+
+    ids, mask = merged.sequences, merged.attention_mask
+    with torch.no_grad():
+        policy = actor.policy_logits(ids, mask)
+        reference = actor.reference_logits(ids, mask)
+        with actor.policy_context(), merged_adapter(module):
+            assert any(layer.merged for layer in module.modules() if isinstance(layer, LoraLayer))
+            folded = actor.policy_logits(ids, mask)
+        with actor.reference_context(), merged_adapter(module):  # adapter off: nothing to fold
+            assert not any(layer.merged for layer in module.modules() if isinstance(layer, LoraLayer))
+            assert torch.equal(actor.reference_logits(ids, mask), reference)
+    assert (policy - reference).abs().max() > 1e-2  # the adapter matters ...
+    torch.testing.assert_close(folded, policy, atol=1e-5, rtol=1e-5)  # ... and folded computes the same
+    assert all(torch.equal(before[name], param) for name, param in module.named_parameters())

@@ -126,6 +126,8 @@ def test_benchmark_grpo_rloo_are_trl_settings(name, baseline, scale, beta, tmp_p
     assert (group["num_iterations"], group["num_minibatches"], group["micro_batch_size"]) == (1, 1, None)
     assert group["clip_range"] == 0.2 and group["loss_aggregation"] == "token_mean"
     assert stage["kl"]["coef"] == beta and stage["kl"]["kl_in"] == "reward"
+    assert stage["kl"]["measure"] is (beta > 0)  # trl runs no reference at beta 0
+    assert stage["generation"]["merge_adapter"] is True
     assert stage["datamodule"]["batch_size"] * group["group_size"] == 16
     gen = stage["generation"]
     assert (gen["max_new_tokens"], gen["ignore_eos"], gen["temperature"], gen["top_k"], gen["top_p"]) == \

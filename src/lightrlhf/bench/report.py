@@ -194,10 +194,11 @@ DIFFERENCES = """## Settings and known differences from the peers
   averages over sequences; ours clips per token and averages over tokens (GRPO's surrogate). At ratio 1
   (one pass) trl's gradient is 64x ours (one per token of a 64-token response): AdamW nearly ignores the
   scale, the gradient clipping at 1.0 does not. The same forwards and backward either way.
-- GRPO at beta 0: ours still runs the reference forward each rollout (it feeds `objective/kl` and the KL
-  tripwire); trl skips it.
-- Forwards per GRPO/RLOO rollout: ours samples, then runs the reference (also at beta 0, above), the
-  reward adapter, and one policy forward with gradient that the single update backpropagates (the
+- GRPO at beta 0: neither runs a reference forward (ours: `stage.kl.measure=false`, so no `objective/kl`
+  and no KL tripwire; by default ours runs it at beta 0 too, for those two).
+- Forwards per GRPO/RLOO rollout: ours samples (with the policy's LoRA folded into the weights,
+  `stage.generation.merge_adapter`; trl's `generate()` runs the adapter's extra matmuls at every token),
+  then runs the reference (RLOO; not GRPO at beta 0, above), the reward adapter, and one policy forward with gradient that the single update backpropagates (the
   rollout's log-probs and entropy are read from it). trl's GRPO runs the same policy forward once;
   trl's RLOO runs it twice (a no-grad one for the old log-probs, then the update's).
 - DPO forwards: ours runs each prompt once and the chosen and rejected responses against its KV cache

@@ -263,6 +263,8 @@ def configurations(assets: Path, reward_export: Path | None, scale: float = 1.0)
                                  "stage.group.num_iterations=1", "stage.group.num_minibatches=1",
                                  "stage.group.clip_range=0.2", "stage.group.loss_aggregation=token_mean",
                                  f"stage.kl.coef={beta}", "stage.kl.kl_in=reward",
+                                 # trl runs no reference at beta 0, so neither do we (no objective/kl then)
+                                 f"stage.kl.measure={str(beta > 0).lower()}",
                                  f"stage.generation.max_new_tokens={NEW_TOKENS}", "stage.generation.ignore_eos=true",
                                  "stage.generation.temperature=1.0", "stage.optim.lr=1e-5",
                                  "stage.scheduler.name=constant", "stage.scheduler.warmup_steps=0",

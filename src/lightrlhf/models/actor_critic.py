@@ -51,6 +51,7 @@ from lightrlhf.models.reward import (
     member_dir,
     reward_manifest,
 )
+from lightrlhf.models.shared_prompt import PromptResponses, checkpointing, grouped, last_response_hidden
 from lightrlhf.models.spec import ModelSpec
 from lightrlhf.rewards.scorer import RewardModelFn, Samples
 from lightrlhf.rollouts.rollout import chunks
@@ -161,12 +162,18 @@ class ActorCritic(nn.Module):
             return self.separate_reward.ensemble_size
         return len(self.reward_heads)
 
-    def reward_member_scores(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """The shared-base reward model's members' scores at each row's last real token [K, B]."""
+    def reward_member_scores(self, input_ids: Tensor, attention_mask: Tensor,
+                             groups: PromptResponses | None = None) -> Tensor:
+        """The shared-base reward model's members' scores at each row's last real token [K, B]; with
+        `groups` (the same rows as prompts once and responses grouped), each prompt runs once."""
         out = []
         for adapter, head in zip(self.reward_adapters, self.reward_heads, strict=True):
             with active_adapter(self.module, adapter):
-                out.append(head(last_token_hidden(backbone_of(self.module), input_ids, attention_mask)))
+                if groups is not None:
+                    hidden = last_response_hidden(backbone_of(self.module), groups)
+                else:
+                    hidden = last_token_hidden(backbone_of(self.module), input_ids, attention_mask)
+                out.append(head(hidden))
         return torch.stack(out)
 
     def reward_scores(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -180,9 +187,15 @@ class ActorCritic(nn.Module):
         ensemble = self.reward_ensemble_size > 1
         if self.shares_reward_base:
             def shared(samples: Samples) -> Tensor:
-                rows = chunks(samples.sequences.shape[0], forward_batch_size)
-                members = torch.cat([self.reward_member_scores(samples.sequences[r], samples.attention_mask[r])
-                                     for r in rows], dim=1)
+                # detail: k responses to one prompt (GRPO/RLOO, best-of-n) run their prompt once, as the
+                # policy's scoring forward does (models/shared_prompt.py): P + k R positions, not k (P + R)
+                k = getattr(samples, "group_size", 1) if hasattr(samples, "prompt_width") else 1
+                group = k > 1 and not checkpointing(self.module) and bool((samples.mask.sum(1) > 0).all())
+                rows = chunks(samples.sequences.shape[0], forward_batch_size, k if group else 1)
+                members = torch.cat([self.reward_member_scores(
+                    samples.sequences[r], samples.attention_mask[r],
+                    grouped(samples.sequences[r], samples.attention_mask[r], samples.prompt_width, samples.mask[r], k)
+                    if group else None) for r in rows], dim=1)
                 return members if ensemble else members[0]
             return shared
         if self.separate_reward is not None:

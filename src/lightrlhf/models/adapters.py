@@ -56,3 +56,37 @@ def active_adapter(peft_model, adapter: str | None) -> Iterator[None]:
     finally:
         for name, param in peft_model.named_parameters():
             param.requires_grad_(flags[name])
+
+
+@contextlib.contextmanager
+def merged_adapter(peft_model) -> Iterator[None]:
+    """Run a no-grad block (sampling) with the active LoRA adapter folded into the adapted weights.
+
+    Why: decoding feeds one token at a time, so each adapted linear layer costs three small matmuls
+    (W x, A x, B(A x)) where one, (W + s B A) x, computes the same function; on the benchmark's 4M
+    model this is ~10% of a rollout. The tokens are drawn from the same distribution up to float
+    rounding; the log-probs a method learns from are computed afterwards by the unmerged model, so
+    PPO's first ratio is still exactly 1.
+
+    peft's `unmerge_adapter` subtracts s B A again, which leaves rounding error in the frozen base
+    (the reference) that would grow rollout after rollout; so the adapted weights are copied before
+    the merge and copied back afterwards, bit for bit. The copy is the size of the adapted weights.
+    A model without an active LoRA adapter runs the block unchanged.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    # detail: merging ignores a disabled adapter (the reference role), so that case is checked here
+    active = [layer for layer in layers
+              if not layer.disable_adapters and any(name in layer.lora_A for name in layer.active_adapters)]
+    if not active or not hasattr(peft_model, "merge_adapter") or any(layer.merged for layer in layers):
+        yield
+        return
+    originals = [(p, p.detach().clone()) for layer in active for p in layer.get_base_layer().parameters(recurse=False)]
+    peft_model.merge_adapter()
+    try:
+        yield
+    finally:
+        peft_model.unmerge_adapter()
+        for param, original in originals:
+            param.data.copy_(original)

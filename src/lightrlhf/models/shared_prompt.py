@@ -89,6 +89,24 @@ def response_logits(model, batch: PromptResponses) -> Tensor:
     return torch.cat(logits, dim=1)
 
 
+def last_response_hidden(backbone, batch: PromptResponses) -> Tensor:
+    """[B * k, H] the transformer body's last hidden state at each row's last response token (what a
+    reward head scores), each prompt run once for its k responses. Every response has >= 1 token."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cached = {cache_argument(backbone): cache}
+    backbone(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
+             position_ids=positions_from_mask(batch.prompt_mask), use_cache=True, **cached)
+    cache.batch_repeat_interleave(batch.group_size)
+    full_mask = torch.cat([batch.prompt_mask.repeat_interleave(batch.group_size, dim=0), batch.response_mask], dim=1)
+    positions = positions_from_mask(full_mask)[:, batch.prompt_ids.shape[1]:]
+    hidden = backbone(input_ids=batch.response_ids, attention_mask=full_mask, position_ids=positions,
+                      use_cache=True, **cached).last_hidden_state
+    last = batch.response_mask.sum(1) - 1
+    return hidden[torch.arange(hidden.shape[0]), last]
+
+
 def response_logprobs(model, batch: PromptResponses) -> tuple[Tensor, Tensor]:
     """(sum_t log pi(y_t), length) per response row [B * k] of a causal LM (the active adapter's
     role: call it inside the role's context). See the module docstring."""

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from lightrlhf.models.adapters import merged_adapter
 from lightrlhf.models.generation import decode_responses, left_pad, sample
 from lightrlhf.models.shared_prompt import checkpointing, grouped, response_logits
 from lightrlhf.rl.logprobs import entropy_from_logits, token_logprobs
@@ -86,7 +87,7 @@ class Rollout(Responses):
     """Responses with what online methods learn from, measured without gradient."""
 
     logprobs: Tensor  # [N, R] log pi(y_t)
-    ref_logprobs: Tensor  # [N, R] log pi_ref(y_t)
+    ref_logprobs: Tensor | None  # [N, R] log pi_ref(y_t); None when the caller needs no reference
     entropy: Tensor  # [N, R] H(pi(.|y_<t))
     values: Tensor | None = None  # [N, R] V(y_<=t), only with a critic
     # [N, R] `logprobs` still attached to the graph of their forward, only with `roll_out(differentiable=True)`
@@ -106,15 +107,26 @@ def sample_responses(roles: PolicyRoles, prompt_ids: Sequence[Sequence[int]], pr
     tok = roles.tokenizer
     ids, mask = left_pad(prompt_ids, tok.pad_token_id)
     explore = explore_epsilon > 0 and not reference
+    context = roles.reference_context if reference else roles.policy_context
+    if spec.merge_adapter and not reference and not explore:  # mixing switches roles at every token
+        context = _merged(roles.policy_context, roles.module)
     gen = sample(roles.module, ids, mask, repeats=group_size, max_new_tokens=spec.max_new_tokens, eos_token_id=tok.eos_token_id,
                  pad_token_id=tok.pad_token_id, temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p,
                  generator=generator, stop_at_eos=not spec.ignore_eos,
-                 model_context=roles.reference_context if reference else roles.policy_context,
+                 model_context=context,
                  mix_model_context=roles.reference_context if explore else None,
                  mix_epsilon=explore_epsilon if explore else 0.0)
     return Responses(gen.sequences, gen.attention_mask, ids.shape[1], gen.response_ids, gen.response_mask.float(),
                      gen.ended_with_eos, repeat_each(prompts, group_size), repeat_each(raw_prompts, group_size),
                      decode_responses(tok, gen), group_size)
+
+
+def _merged(role_context, module):
+    @contextlib.contextmanager
+    def context():
+        with role_context(), merged_adapter(module):
+            yield
+    return context
 
 
 def chunks(rows: int, size: int | None, align: int = 1) -> list[slice]:
@@ -152,9 +164,10 @@ def group_order(rows: int, group_size: int, generator: torch.Generator) -> Tenso
 
 @torch.no_grad()
 def token_statistics(roles: PolicyRoles, responses: Responses, temperature: float, forward_batch_size: int | None,
-                     with_values: bool, with_policy: bool = True) -> dict[str, Tensor]:
+                     with_values: bool, with_policy: bool = True, with_reference: bool = True) -> dict[str, Tensor]:
     """Policy and reference log-probs, policy entropy (and values) over the response positions;
-    `with_policy=False` leaves out the policy's (see `policy_statistics`)."""
+    `with_policy=False` leaves out the policy's (see `policy_statistics`), `with_reference=False` the
+    reference's (its forward is then not run)."""
     seq, attn, width = responses.sequences, responses.attention_mask, responses.prompt_width
     out: dict[str, list[Tensor]] = {"logprobs": [], "ref_logprobs": [], "entropy": [], "values": []}
     for rows in chunks(seq.shape[0], forward_batch_size, responses.group_size):
@@ -164,9 +177,10 @@ def token_statistics(roles: PolicyRoles, responses: Responses, temperature: floa
             out["logprobs"].append(token_logprobs(logits, tokens, temperature))
             out["entropy"].append(entropy_from_logits(logits, temperature))
             del logits
-        ref = scoring_logits(roles, responses, rows, reference=True)
-        out["ref_logprobs"].append(token_logprobs(ref, tokens, temperature))
-        del ref
+        if with_reference:
+            ref = scoring_logits(roles, responses, rows, reference=True)
+            out["ref_logprobs"].append(token_logprobs(ref, tokens, temperature))
+            del ref
         if with_values:
             out["values"].append(roles.values(seq[rows], attn[rows])[:, width - 1:-1])
     return {k: torch.cat(v) for k, v in out.items() if v}
@@ -197,17 +211,19 @@ def scoring_temperature(spec: GenerationSpec) -> float:
 def roll_out(roles: PolicyRoles, prompt_ids: Sequence[Sequence[int]], prompts: Sequence[str], raw_prompts: Sequence,
              spec: GenerationSpec, generator: torch.Generator, *, group_size: int = 1,
              forward_batch_size: int | None = None, with_values: bool = False,
-             explore_epsilon: float = 0.0, differentiable: bool = False) -> Rollout:
+             explore_epsilon: float = 0.0, differentiable: bool = False, with_reference: bool = True) -> Rollout:
     """Sample `group_size` responses per prompt and measure them (see module docstring).
 
     `differentiable`: the policy's forward runs with gradient, all rows at once, and the rollout keeps
     its graph (`logprobs_graph`). For an update that is one pass of one minibatch over the rollout
-    with the weights it was sampled with, that forward *is* the update's, so it runs once, not twice."""
+    with the weights it was sampled with, that forward *is* the update's, so it runs once, not twice.
+    `with_reference=False`: no reference forward, `ref_logprobs` is None."""
     responses = sample_responses(roles, prompt_ids, prompts, raw_prompts, spec, generator, group_size=group_size,
                                  explore_epsilon=explore_epsilon)
     temperature = scoring_temperature(spec)
     stats = token_statistics(roles, responses, temperature, forward_batch_size, with_values and roles.has_critic,
-                             with_policy=not differentiable)
+                             with_policy=not differentiable, with_reference=with_reference)
     if differentiable:
         stats.update(policy_statistics(roles, responses, temperature))
+    stats.setdefault("ref_logprobs", None)
     return Rollout(**vars(responses), **stats)

@@ -16,6 +16,7 @@ class GenerationSpec:
     top_k: int = 0
     top_p: float = 1.0
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks); EOS is then an ordinary token
+    merge_adapter: bool = True  # sample with the policy's LoRA folded into the weights (models/adapters.py::merged_adapter)
 
     def __post_init__(self) -> None:
         positive("max_new_tokens", self.max_new_tokens)

@@ -104,11 +104,18 @@ class GroupSpec:
 class GroupKLSpec:
     """beta * KL(pi || pi_ref): `kl_in=reward` subtracts beta * sum_t k1_t from each response's reward;
     `kl_in=loss` adds beta * importance-weighted k3 to the loss (rl/kl.py); coef = 0 turns it off.
-    target: nats per response the KL alert is scaled by (alerts.kl_multiple x target)."""
+    target: nats per response the KL alert is scaled by (alerts.kl_multiple x target).
+    measure: at coef = 0, still run the reference's forward to log objective/kl and arm the KL alert;
+    false skips that forward (about a tenth of an iteration), as trl does at beta = 0."""
 
     coef: float = 0.05
     kl_in: Literal["reward", "loss"] = "reward"
     target: float = 4.0
+    measure: bool = True
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.coef > 0 or self.measure
 
     def __post_init__(self) -> None:
         non_negative("coef", self.coef)
@@ -124,7 +131,7 @@ class GroupBatch:
     scores: Tensor  # [N] composite score, raw
     shaped: Tensor  # [N] after normalisation, clipping and the EOS penalty
     components: dict[str, Tensor]
-    kl: Tensor  # [N] sum_t k1_t over each response
+    kl: Tensor | None  # [N] sum_t k1_t over each response; None when the reference is not run
     rewards: Tensor  # [N] what the group baseline compares
     advantages: Tensor  # [N]
 
@@ -174,14 +181,14 @@ class GRPOStage(OnlineStage):
         # step 1. roll out: k responses per prompt, rows p*k .. p*k + k-1
         roll = roll_out(self.model, prompt_ids, prompts, raw_prompts or prompts, self.generation, self.sampler,
                         group_size=k, forward_batch_size=spec.forward_batch_size,
-                        differentiable=self.reuse_rollout_forward)
+                        differentiable=self.reuse_rollout_forward, with_reference=self.kl_spec.needs_reference)
         # step 2. score: the composite score in raw units, then shaped
         scores, components = self.scorer.score(roll)
         self.scorer.observe(scores)
         shaped = self.scorer.shape(scores, roll.ended_with_eos)
         # step 3. rewards: the KL of each whole response (k1), in the reward when kl_in=reward
-        kl = sequence_kl(roll.logprobs, roll.ref_logprobs, roll.mask)
-        rewards = shaped - self.kl_spec.coef * kl if self.kl_spec.kl_in == "reward" else shaped
+        kl = sequence_kl(roll.logprobs, roll.ref_logprobs, roll.mask) if roll.ref_logprobs is not None else None
+        rewards = shaped - self.kl_spec.coef * kl if self.kl_spec.kl_in == "reward" and kl is not None else shaped
         # step 4. advantages: each response against the other responses to its prompt
         advantages = group_advantages(rewards, k, spec.baseline, spec.scale_rewards)
         return GroupBatch(roll, scores, shaped, components, kl, rewards, advantages)
@@ -227,7 +234,9 @@ class GRPOStage(OnlineStage):
             logits = scoring_logits(self.model, roll, idx, group_size=None if by_group else 1)
             logp = token_logprobs(logits, roll.responses[idx], scoring_temperature(self.generation))
         kl_coef = self.kl_spec.coef if self.kl_spec.kl_in == "loss" else 0.0
-        out = group_policy_objective(logp, roll.logprobs[idx], roll.ref_logprobs[idx], batch.advantages[idx],
+        # detail: with kl_coef 0 the objective never reads the reference (none is run when kl.measure=false)
+        ref_logprobs = roll.ref_logprobs if roll.ref_logprobs is not None else roll.logprobs
+        out = group_policy_objective(logp, roll.logprobs[idx], ref_logprobs[idx], batch.advantages[idx],
                                      roll.mask[idx], clip_range=self.group.clip_range, kl_coef=kl_coef,
                                      aggregation=self.group.loss_aggregation, normalizer=normalizer)
         self.manual_backward(out.objective)
@@ -255,10 +264,11 @@ class GRPOStage(OnlineStage):
 
     def rollout_metrics(self, batch: GroupBatch, stats: dict[str, float]) -> dict[str, float]:
         roll, k = batch.rollout, self.group.group_size
-        in_reward = self.kl_spec.kl_in == "reward"
-        non_score = -self.kl_spec.coef * batch.kl if in_reward else torch.zeros_like(batch.kl)
-        metrics = {
-            "objective/kl": batch.kl.mean().item(),
+        in_reward = self.kl_spec.kl_in == "reward" and batch.kl is not None
+        non_score = -self.kl_spec.coef * batch.kl if in_reward else torch.zeros_like(batch.rewards)
+        # without a reference forward (kl.coef=0, kl.measure=false) there is no KL to log, not a KL of 0
+        metrics = {} if batch.kl is None else {"objective/kl": batch.kl.mean().item()}
+        metrics |= {
             "objective/kl_coef": float(self.kl_spec.coef),
             "objective/entropy": masked_mean(roll.entropy, roll.mask).item(),
             "objective/scores": batch.scores.mean().item(),

@@ -52,18 +52,18 @@ class Tripwires:
         spec, base = self.spec, self.baseline
         length, score, eos = metrics["reward/length_mean"], metrics["objective/scores"], metrics[
             "reward/frac_ended_with_eos"]
-        kl = metrics["objective/kl"]
+        kl = metrics.get("objective/kl")  # absent when no reference is run (GRPO's kl.measure=false)
         fired = {
             "length_drift": abs(length - base["length_mean"]) > spec.length_drift * base["length_mean"]
                             and score > base["score_mean"],
             "eos_collapse": eos < spec.eos_collapse * base["frac_ended_with_eos"],
-            "kl_exceeded": kl > spec.kl_multiple * self.kl_target,
+            "kl_exceeded": kl is not None and kl > spec.kl_multiple * self.kl_target,
         }
         messages = {
             "length_drift": f"mean response length {length:.1f} vs {base['length_mean']:.1f} for the SFT policy "
                             f"while the score rose ({score:.3f} vs {base['score_mean']:.3f}): length hacking?",
             "eos_collapse": f"only {eos:.0%} of responses end with EOS (SFT: {base['frac_ended_with_eos']:.0%})",
-            "kl_exceeded": f"KL to the reference {kl:.2f} exceeds {spec.kl_multiple} x kl.target ({self.kl_target})",
+            "kl_exceeded": f"KL to the reference {kl or 0.0:.2f} exceeds {spec.kl_multiple} x kl.target ({self.kl_target})",
         }
         stop = False
         for name, on in fired.items():
