@@ -13,7 +13,9 @@ import time
 
 import pytest
 import torch
-from conftest import SMALL_DEMO, start_train, train_cli, train_with_fault
+from conftest import SMALL_DEMO, run_in_process, start_train, train_cli, train_with_fault
+
+from lightrlhf.errors import UserError
 
 pytestmark = pytest.mark.slow
 # small batches and demo files: the faults are under test, not what is learned
@@ -144,9 +146,14 @@ def test_missing_or_wrong_exports_between_stages(tmp_path, exports):
         (["reward.path=null"],
          "error: config reward.path: is required (a reward-model export) unless reward.components defines the reward"),
     ]
-    for args, message in cases:
-        done = train_cli(ppo + args)
-        assert done.returncode == 2 and done.stderr.splitlines() == [message], (args, done.stderr[-1500:])
+    # the first through train.py (exit status 2, one line), the others in this process: the same checks
+    args, message = cases[0]
+    done = train_cli(ppo + args)
+    assert done.returncode == 2 and done.stderr.splitlines() == [message], (args, done.stderr[-1500:])
+    for args, message in cases[1:]:
+        with pytest.raises(UserError) as error:
+            run_in_process(ppo[:-1] + args, tmp_path / "in_process")
+        assert f"error: {error.value}" == message
 
 
 def test_out_of_range_ppo_settings_name_their_key(tmp_path, exports):
@@ -161,7 +168,6 @@ def test_custom_model_code_is_not_run_unless_asked(tmp_path, tiny_spec):
     import shutil
     from dataclasses import replace
 
-    from lightrlhf.errors import UserError
     from lightrlhf.models.loading import load_base_model
 
     model_dir = tmp_path / "custom"

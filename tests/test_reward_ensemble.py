@@ -123,11 +123,13 @@ def test_the_actor_critic_scores_with_every_member_on_the_shared_base(ensemble_r
     assert "value_head.linear.weight" in dict(model.named_parameters())
 
 
-@pytest.mark.slow
 def test_an_ensemble_needs_lora(tmp_path):
-    from conftest import train_cli
+    from conftest import SMALL_DEMO, compose
 
-    done = train_cli(["stage=rm", "data=demo_pref", "stage.ensemble=2", "model.lora=null",
-                      f"hydra.run.dir={tmp_path / 'run'}"])
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.strip().splitlines()[-1].startswith("error: config stage.ensemble: an ensemble is K LoRA")
+    from lightrlhf.errors import UserError
+    from lightrlhf.launch.parts import build_stage
+    from lightrlhf.launch.run import to_plain
+
+    cfg = to_plain(compose(["stage=rm", "data=demo_pref", *SMALL_DEMO, "stage.ensemble=2", "model.lora=null"], tmp_path))
+    with pytest.raises(UserError, match="^config stage.ensemble: an ensemble is K LoRA"):
+        build_stage(cfg)
