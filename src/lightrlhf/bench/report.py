@@ -198,7 +198,8 @@ DIFFERENCES = """## Settings and known differences from the peers
   and no KL tripwire; by default ours runs it at beta 0 too, for those two).
 - Forwards per GRPO/RLOO rollout: ours samples (with the policy's LoRA folded into the weights,
   `stage.generation.merge_adapter`; trl's `generate()` runs the adapter's extra matmuls at every token),
-  then runs the reference (RLOO; not GRPO at beta 0, above), the reward adapter, and one policy forward with gradient that the single update backpropagates (the
+  then runs the reference (RLOO; not GRPO at beta 0, above), the reward adapter (each prompt once for
+  its group), and one policy forward with gradient that the single update backpropagates (the
   rollout's log-probs and entropy are read from it). trl's GRPO runs the same policy forward once;
   trl's RLOO runs it twice (a no-grad one for the old log-probs, then the update's).
 - DPO forwards: ours runs each prompt once and the chosen and rejected responses against its KV cache
