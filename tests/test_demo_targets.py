@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import scalar_curve, train_cli
+from conftest import SMALL_DEMO, scalar_curve, train_cli
 
 pytestmark = pytest.mark.slow
 # A hang guard, not a speed target: the whole demo takes 2.5 minutes on an idle 2-core machine, but
@@ -57,7 +57,10 @@ def test_a_length_biased_annotator_provokes_length_hacking_and_the_tripwire_fire
     """The demo with an annotator that likes every extra word (a logit of +1 per word): the reward model learns
     length, PPO lengthens its answers without improving the hidden gold score, and the tripwire says so."""
     run_dir = tmp_path / "biased"
-    done = train_cli([f"hydra.run.dir={run_dir}", "demo.annotator.length_bias=1.0",
+    # smaller data files and a shorter SFT: the phenomenon needs a policy that writes the language and
+    # a reward model that has learned length, not the default demo's quality
+    done = train_cli([f"hydra.run.dir={run_dir}", "demo.annotator.length_bias=1.0", *SMALL_DEMO,
+                      'pipeline.extra.sft=["trainer.max_steps=100"]',
                       'pipeline.extra.rm=["trainer.max_steps=300","trainer.val_check_interval=300"]',
                       'pipeline.extra.ppo=["stage.rollouts=20","stage.eval.num_prompts=64","trainer.val_check_interval=20"]'],
                      timeout=DEMO_TIMEOUT_S, env=AS_MAKE_DEMO)
