@@ -226,3 +226,8 @@ def test_no_reference_needed_without_a_kl_term():
     old = torch.where(mask.bool(), logp, 0.0)
     out = group_policy_objective(old.clone(), old, torch.full_like(old, math.nan), advantages, mask, clip_range=0.2)
     assert out.kl.item() == 0.0 and torch.isfinite(out.objective)
+    # ... so none may be given; with a KL term it must be
+    without = group_policy_objective(old.clone(), old, None, advantages, mask, clip_range=0.2)
+    assert without.objective.item() == out.objective.item() and without.kl.item() == 0.0
+    with pytest.raises(ValueError, match="kl_coef > 0 needs the reference's log-probs"):
+        group_policy_objective(old.clone(), old, None, advantages, mask, clip_range=0.2, kl_coef=0.1)

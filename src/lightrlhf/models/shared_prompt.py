@@ -66,43 +66,44 @@ def split_prompts(rows: list[tuple[Tensor, Tensor, Tensor]], pad_id: int) -> Pro
                            response_mask.to(device), k)
 
 
+def _run_prompts(model, batch: PromptResponses, **kwargs):
+    """(the prompts' forward output, the cache keyword argument holding their KV cache)."""
+    from transformers import DynamicCache
+
+    cached = {cache_argument(model): DynamicCache()}
+    out = model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
+                position_ids=positions_from_mask(batch.prompt_mask), use_cache=True, **kwargs, **cached)
+    return out, cached
+
+
+def _run_responses(model, batch: PromptResponses, cached: dict, inputs: Tensor, mask: Tensor):
+    """The forward output of `inputs` (response tokens [B * k, n]) against the prompts' cache, repeated
+    for each prompt's k rows."""
+    k = batch.group_size
+    next(iter(cached.values())).batch_repeat_interleave(k)
+    full_mask = torch.cat([batch.prompt_mask.repeat_interleave(k, dim=0), mask], dim=1)
+    positions = positions_from_mask(full_mask)[:, batch.prompt_ids.shape[1]:]
+    return model(input_ids=inputs, attention_mask=full_mask, position_ids=positions, use_cache=True, **cached)
+
+
 def response_logits(model, batch: PromptResponses) -> Tensor:
     """[B * k, R, V]: position t holds the logits that predict response token t (the last prompt
     position predicts token 0), as `model(prompt + response)[:, P - 1:-1]` would give them. Call it
     inside the role's context; gradients flow (see the module docstring)."""
-    from transformers import DynamicCache
-
-    k, cache = batch.group_size, DynamicCache()
-    cached = {cache_argument(model): cache}
-    prompt = model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
-                   position_ids=positions_from_mask(batch.prompt_mask), use_cache=True, logits_to_keep=1,
-                   **cached).logits
-    logits = [prompt.repeat_interleave(k, dim=0)]
+    prompt, cached = _run_prompts(model, batch, logits_to_keep=1)
+    logits = [prompt.logits.repeat_interleave(batch.group_size, dim=0)]
     if batch.response_ids.shape[1] > 1:
-        cache.batch_repeat_interleave(k)
         # the last response token predicts nothing: it is not fed
-        inputs, mask = batch.response_ids[:, :-1], batch.response_mask[:, :-1]
-        full_mask = torch.cat([batch.prompt_mask.repeat_interleave(k, dim=0), mask], dim=1)
-        positions = positions_from_mask(full_mask)[:, batch.prompt_ids.shape[1]:]
-        logits.append(model(input_ids=inputs, attention_mask=full_mask, position_ids=positions, use_cache=True,
-                            **cached).logits)
+        logits.append(_run_responses(model, batch, cached, batch.response_ids[:, :-1],
+                                     batch.response_mask[:, :-1]).logits)
     return torch.cat(logits, dim=1)
 
 
 def last_response_hidden(backbone, batch: PromptResponses) -> Tensor:
     """[B * k, H] the transformer body's last hidden state at each row's last response token (what a
     reward head scores), each prompt run once for its k responses. Every response has >= 1 token."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    cached = {cache_argument(backbone): cache}
-    backbone(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
-             position_ids=positions_from_mask(batch.prompt_mask), use_cache=True, **cached)
-    cache.batch_repeat_interleave(batch.group_size)
-    full_mask = torch.cat([batch.prompt_mask.repeat_interleave(batch.group_size, dim=0), batch.response_mask], dim=1)
-    positions = positions_from_mask(full_mask)[:, batch.prompt_ids.shape[1]:]
-    hidden = backbone(input_ids=batch.response_ids, attention_mask=full_mask, position_ids=positions,
-                      use_cache=True, **cached).last_hidden_state
+    _, cached = _run_prompts(backbone, batch)
+    hidden = _run_responses(backbone, batch, cached, batch.response_ids, batch.response_mask).last_hidden_state
     last = batch.response_mask.sum(1) - 1
     return hidden[torch.arange(hidden.shape[0]), last]
 

@@ -83,7 +83,7 @@ class GroupObjective:
     kl: Tensor  # the aggregated KL term (0 when kl_coef == 0), value ~ KL(pi || pi_ref) per token
 
 
-def group_policy_objective(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+def group_policy_objective(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantages: Tensor, mask: Tensor, *,
                            clip_range: float, kl_coef: float = 0.0, aggregation: Aggregation = "token_mean",
                            normalizer: float | Tensor | None = None) -> GroupObjective:
     """L = agg( max(-A * rho_t, -A * clip(rho_t, 1 - eps, 1 + eps)) + beta * k3w_t ),  rho_t = pi/pi_old.
@@ -91,7 +91,7 @@ def group_policy_objective(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, adv
     GRPO's objective (Shao et al. 2024, eq. 3) with the sign of a loss; A: [N] per response, the same
     for every token of it. k3w_t (rl/kl.py::kl_k3_importance_weighted) is Schulman's k3 times the
     ratio rho_t, so that its gradient is that of KL(pi || pi_ref) (DeepSeekMath's plain k3 is not).
-    With kl_coef == 0 the reference is not used. logp, old_logp, ref_logp, mask: [N, T].
+    With kl_coef == 0 the reference is not used (it may be None). logp, old_logp, ref_logp, mask: [N, T].
     """
     per_token_advantages = advantages.detach()[:, None].expand_as(logp)
     policy = ppo_policy_loss(logp, old_logp, per_token_advantages, mask, clip_range, aggregation,
@@ -99,6 +99,8 @@ def group_policy_objective(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, adv
     if kl_coef == 0:
         kl = torch.zeros((), dtype=logp.dtype)
         return GroupObjective(policy.loss, policy, kl)
+    if ref_logp is None:
+        raise ValueError("kl_coef > 0 needs the reference's log-probs")
     valid = mask.bool()
     # detail: padding positions hold arbitrary log-probs; zero them before any exp (see ppo_policy_loss)
     kl_tokens = kl_k3_importance_weighted(torch.where(valid, logp, 0), torch.where(valid, old_logp, 0),

@@ -234,9 +234,9 @@ class GRPOStage(OnlineStage):
             logits = scoring_logits(self.model, roll, idx, group_size=None if by_group else 1)
             logp = token_logprobs(logits, roll.responses[idx], scoring_temperature(self.generation))
         kl_coef = self.kl_spec.coef if self.kl_spec.kl_in == "loss" else 0.0
-        # detail: with kl_coef 0 the objective never reads the reference (none is run when kl.measure=false)
-        ref_logprobs = roll.ref_logprobs if roll.ref_logprobs is not None else roll.logprobs
-        out = group_policy_objective(logp, roll.logprobs[idx], ref_logprobs[idx], batch.advantages[idx],
+        # none is run at kl.coef=0 with kl.measure=false; the objective reads it only when kl_coef > 0
+        ref_logprobs = roll.ref_logprobs[idx] if roll.ref_logprobs is not None else None
+        out = group_policy_objective(logp, roll.logprobs[idx], ref_logprobs, batch.advantages[idx],
                                      roll.mask[idx], clip_range=self.group.clip_range, kl_coef=kl_coef,
                                      aggregation=self.group.loss_aggregation, normalizer=normalizer)
         self.manual_backward(out.objective)
