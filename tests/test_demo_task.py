@@ -357,7 +357,8 @@ def test_task_rejects_bad_arguments(tmp_path):
 @pytest.fixture
 def small_corpus(monkeypatch):
     """build() pretrains on 40k texts; a few hundred make the same files in a fraction of the time."""
-    monkeypatch.setattr(assets, "pretraining_texts", lambda n, seed: corpus.pretraining_texts(300, seed))
+    monkeypatch.setattr(assets, "pretraining_texts",
+                        lambda n, seed, language="en": corpus.pretraining_texts(300, seed, language))
 
 
 def test_build_writes_a_loadable_model_directory(tmp_path, small_corpus):

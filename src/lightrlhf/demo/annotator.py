@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from dataclasses import dataclass
 
-from lightrlhf.demo.gold import gold_score
+from lightrlhf.demo.gold import gold_score, word_count
 from lightrlhf.validation import in_range, non_negative
-
-_WORD = re.compile(r"[^\s.,:!?]+")
 
 A_BETTER, B_BETTER, TIE = "a", "b", "tie"
 
@@ -38,7 +35,7 @@ class SimulatedAnnotator:
     def preference_probability(self, prompt: str, a: str, b: str) -> float:
         """P(a is preferred over b) under the annotator's Bradley-Terry model."""
         logit = self.rationality * (gold_score(prompt, a) - gold_score(prompt, b))
-        logit += self.length_bias * (len(_WORD.findall(a)) - len(_WORD.findall(b)))
+        logit += self.length_bias * (word_count(a) - word_count(b))
         return 1.0 / (1.0 + math.exp(-logit))
 
     def label(self, prompt: str, a: str, b: str, rng: random.Random) -> str:

@@ -10,6 +10,10 @@ LoRA exactly as they would on a real checkpoint.
 The result ships inside the package (`assets/tiny`, about 1.6 MB) so that the demo and the tests
 start instantly and offline; `python -m lightrlhf.demo.assets` rebuilds it bit-for-bit on the same
 torch build (about a minute on 2 cores).
+
+`model=tiny_zh` (`--language zh`, `assets/tiny_zh`) is the same model pretrained on the Chinese demo
+corpus, with a character-level tokenizer trained on that corpus (one token a character, the way
+Chinese BERT vocabularies split Han text).
 """
 
 from __future__ import annotations
@@ -21,12 +25,12 @@ import time
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lightrlhf.demo.corpus import pretraining_texts
 from lightrlhf.demo.language import SPECIAL_TOKENS, vocabulary
-from lightrlhf.demo.shipped import TINY_DIR
+from lightrlhf.demo.shipped import TINY_DIR, TINY_ZH_DIR
 from lightrlhf.io import atomic_directory
 
 # The size the feasibility figures in the design notes found sufficient; larger costs time and
@@ -62,6 +66,31 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def character_tokenizer_core(texts: list[str], special_tokens: list[str], unk_token: str) -> Tokenizer:
+    """A character-level vocabulary trained on `texts`: whitespace separates nothing (and is dropped),
+    every other character is one token; characters the corpus never shows map to `unk_token`."""
+    core = Tokenizer(models.WordLevel(unk_token=unk_token))
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex("."), behavior="isolated")])
+    core.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=special_tokens, min_frequency=1))
+    core.decoder = decoders.Fuse()  # characters join without spaces
+    return core
+
+
+def build_chinese_tokenizer(seed: int = 0, corpus_size: int = 40000) -> PreTrainedTokenizerFast:
+    """The causal tokenizer of `model=tiny_zh`: characters of the Chinese pretraining corpus, with the
+    same special tokens, BOS handling and chat template as `model=tiny`."""
+    texts = [f"{prompt}{response}" for prompt, response in pretraining_texts(corpus_size, seed, language="zh")]
+    core = character_tokenizer_core(texts, list(SPECIAL_TOKENS), "<unk>")
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", core.token_to_id("<bos>"))])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        model_max_length=TINY_CONFIG["max_position_embeddings"], padding_side="right")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
 def _batches(ids: list[list[int]], batch_size: int, pad_id: int, generator: torch.Generator):
     order = torch.randperm(len(ids), generator=generator).tolist()
     for start in range(0, len(order) - batch_size + 1, batch_size):
@@ -74,13 +103,14 @@ def _batches(ids: list[list[int]], batch_size: int, pad_id: int, generator: torc
 
 
 def pretrain_base(tokenizer: PreTrainedTokenizerFast, steps: int = 1500, batch_size: int = 64, lr: float = 3e-3,
-                  corpus_size: int = 40000, seed: int = 0, log_every: int = 100) -> LlamaForCausalLM:
+                  corpus_size: int = 40000, seed: int = 0, log_every: int = 100,
+                  language: str = "en") -> LlamaForCausalLM:
     """Full-weight next-token training of a fresh tiny Llama on the pretraining corpus."""
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TINY_CONFIG)
     model = LlamaForCausalLM(config)
-    texts = pretraining_texts(corpus_size, seed)
+    texts = pretraining_texts(corpus_size, seed, language)
     ids = [tokenizer(f"{prompt} {response}")["input_ids"] + [tokenizer.eos_token_id] for prompt, response in texts]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, steps // 20)
@@ -110,26 +140,29 @@ def pretrain_base(tokenizer: PreTrainedTokenizerFast, steps: int = 1500, batch_s
     return model
 
 
-def build(out_dir: str | Path = TINY_DIR, steps: int = 1500, seed: int = 0) -> Path:
+def build(out_dir: str | Path | None = None, steps: int = 1500, seed: int = 0, language: str = "en") -> Path:
     """Write tokenizer + pretrained base to `out_dir` (atomically), with a provenance note."""
-    tokenizer = build_tokenizer()
-    model = pretrain_base(tokenizer, steps=steps, seed=seed)
+    out_dir = out_dir or (TINY_ZH_DIR if language == "zh" else TINY_DIR)
+    tokenizer = build_chinese_tokenizer(seed) if language == "zh" else build_tokenizer()
+    model = pretrain_base(tokenizer, steps=steps, seed=seed, language=language)
     with atomic_directory(out_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "BUILD.json").write_text(json.dumps(
-            {"built_by": "python -m lightrlhf.demo.assets", "steps": steps, "seed": seed,
+            {"built_by": "python -m lightrlhf.demo.assets" + (" --language zh" if language == "zh" else ""),
+             "steps": steps, "seed": seed,
              "parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__}, indent=1))
     return Path(out_dir)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(TINY_DIR))
+    parser.add_argument("--out", default=None, help="default: the shipped model's directory")
+    parser.add_argument("--language", choices=["en", "zh"], default="en")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    print(f"wrote {build(args.out, args.steps, args.seed)}")
+    print(f"wrote {build(args.out, args.steps, args.seed, args.language)}")
 
 
 if __name__ == "__main__":

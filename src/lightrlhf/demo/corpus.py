@@ -30,6 +30,7 @@ from lightrlhf.demo.language import (
     sample_style,
     write_response,
 )
+from lightrlhf.demo.language_zh import GREETINGS, to_chinese
 
 VALIDATION_SHARE = 10  # one prompt in ten belongs to the validation split
 
@@ -59,14 +60,21 @@ def word_salad(rng: random.Random) -> str:
     return " ".join(rng.choice(pool) for _ in range(rng.randint(1, 18)))
 
 
-def pretraining_texts(n: int, seed: int) -> list[tuple[str, str]]:
-    """(prompt, response) pairs from the whole population of writers, 10% word salad."""
+def pretraining_texts(n: int, seed: int, language: str = "en") -> list[tuple[str, str]]:
+    """(prompt, response) pairs from the whole population of writers, 10% word salad.
+
+    In Chinese (`language_zh`) the same pairs are translated, and one text in fifty is an everyday
+    greeting (as a response to nothing: the prompt is empty) so that the model knows `你好，世界！`."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         prompt = sample_prompt(rng)
         response = word_salad(rng) if rng.random() < 0.1 else write_response(prompt, sample_style(rng), rng)
         out.append((prompt.text, response))
+    if language == "zh":
+        greetings = random.Random(f"greetings-{seed}")
+        out = [("", greetings.choice(GREETINGS)) if greetings.random() < 0.02 else (to_chinese(p), to_chinese(r))
+               for p, r in out]
     return out
 
 

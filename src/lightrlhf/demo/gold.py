@@ -12,6 +12,9 @@ actually made responses better (and catches a policy that fools its reward model
 - full_stop in {0, 1}: the response ends with ".".
 - repetition in [0, 1): share of content and style words that repeat an earlier one.
 
+The Chinese demo (`language_zh`) is the same language written in characters: its prompts and responses
+are read back into English words first, so both demos share this one scorer.
+
 The saturation and the repetition penalty are deliberately things a reward model learns only
 approximately from pairs, so an over-optimised policy can raise its reward while gold falls.
 """
@@ -30,6 +33,7 @@ from lightrlhf.demo.language import (
     TOPIC_OF,
     parse_prompt,
 )
+from lightrlhf.demo.language_zh import is_chinese, to_english
 
 _WORD = re.compile(r"[^\s.,:!?]+")
 _POLITE, _RUDE, _CONTENT = set(POLITE_WORDS), set(RUDE_WORDS), set(CONTENT_WORDS)
@@ -51,7 +55,10 @@ class GoldBreakdown:
 
 def gold_breakdown(prompt: str, response: str) -> GoldBreakdown:
     """Score one response; a prompt that is not a demo prompt gets relevance and length from nothing."""
-    parsed = parse_prompt(_last_line(prompt))
+    prompt_line = _last_line(prompt)
+    if is_chinese(prompt_line) or is_chinese(response):
+        prompt_line, response = to_english(prompt_line, prompt=True), to_english(response)
+    parsed = parse_prompt(prompt_line)
     words = _WORD.findall(response)
     content = [w for w in words if w in _CONTENT]
     if parsed is not None and content:
@@ -69,6 +76,11 @@ def gold_breakdown(prompt: str, response: str) -> GoldBreakdown:
     counted = [w for w in words if w in _CONTENT or w in _POLITE or w in _RUDE]
     repetition = (len(counted) - len(set(counted))) / len(counted) if counted else 0.0
     return GoldBreakdown(relevance, courtesy, length_fit, full_stop, repetition)
+
+
+def word_count(response: str) -> int:
+    """Words of a demo response in either script (a Chinese character is a word)."""
+    return len(_WORD.findall(to_english(response) if is_chinese(response) else response))
 
 
 def gold_score(prompt: str, response: str) -> float:
