@@ -134,6 +134,25 @@ def _composed(overrides: list[str]):
     return cfg, overrides, choices
 
 
+def test_the_chinese_demo_runs_every_step_on_its_own_base_model(tmp_path, compositions):
+    """`python train.py demo=zh`: demo=zh picks model=tiny_zh for every step (conf/demo/zh.yaml), and an
+    explicit model= on the command line still wins."""
+    from hydra import initialize_config_dir
+
+    from lightrlhf.launch.pipeline import run_pipeline
+
+    for given, model in ((["demo=zh"], "tiny_zh"), (["demo=zh", "model=tiny"], "tiny")):
+        run_dir = tmp_path / model
+        seen: dict = {}
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg, overrides, choices = _composed(given + [f"paths.output_dir={run_dir}"])
+            run_pipeline(cfg, run_dir, overrides, choices, "train", run_step=_without_training(seen))
+        sft, rm, ppo = (seen[name][0] for name in ("sft", "rm", "ppo"))
+        assert all(c.demo.language == "zh" for c in (sft, rm, ppo))
+        assert sft.model.name_or_path.endswith(f"assets/{model}") and ppo.model.name_or_path.endswith(f"assets/{model}")
+        assert rm.model.name_or_path == f"{run_dir}/sft/export"  # the step's own override still wins
+
+
 def test_pipeline_composes_each_step_once_with_the_global_overrides_that_apply(tmp_path, compositions, caplog):
     from hydra import initialize_config_dir
 
@@ -155,7 +174,7 @@ def test_pipeline_composes_each_step_once_with_the_global_overrides_that_apply(t
         assert all(c.demo.annotator.length_bias == 0.2 for c in (sft, rm, ppo))
         assert ppo.reward.clip == 5.0 and "reward" not in sft and "reward" not in rm  # only PPO has a reward
         assert all(c.trainer.accelerator == "cpu" for c in (sft, rm, ppo))
-        assert seen["rm"][1] == ["stage=rm", "model=tiny", "data=demo_pref", f"model.name_or_path={run_dir}/sft/export",
+        assert seen["rm"][1] == ["stage=rm", "data=demo_pref", f"model.name_or_path={run_dir}/sft/export",
                                  "seed=3", "trainer=cpu", "demo.annotator.length_bias=0.2",
                                  f"paths.output_dir={run_dir}/rm"]
         assert "pipeline step rm: override ++reward.clip=5.0 does not apply to it" in caplog.messages
