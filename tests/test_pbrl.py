@@ -87,8 +87,11 @@ BAD_SETTINGS = [
                                      "'disagreement', 'ucb', got str 'best'"),
     ("stage.teachers.noisy.beta=-1", "config stage.teachers.noisy.beta: must be > 0, got -1.0"),
     ("reward=maybe", "config stage.reward: must be learned or true, got 'maybe'"),
-    ("stage.queries.clip_length=500", "config stage.queries.clip_length: must fit in one rollout "
+    ("stage.queries.clip_length=500", "config stage.queries.clip_length: must fit twice in one rollout "
                                       "(ppo.rollout_steps=128), got 500"),
+    # 65 + 65 > 128: a rollout whose episode end falls at step 64 would hold no whole 65-step window
+    ("stage.queries.clip_length=65", "config stage.queries.clip_length: must fit twice in one rollout "
+                                     "(ppo.rollout_steps=128), got 65"),
 ]
 
 

@@ -260,8 +260,11 @@ class PbRLStage(StageModule):
                 f"got {env_steps}")
         require(self.steps_per_iteration % ppo.num_minibatches == 0, "ppo.num_minibatches",
                 f"must divide the iteration's {self.steps_per_iteration} steps, got {ppo.num_minibatches}")
-        require(queries.clip_length <= ppo.rollout_steps, "queries.clip_length",
-                f"must fit in one rollout (ppo.rollout_steps={ppo.rollout_steps}), got {queries.clip_length}")
+        # detail: a clip never spans an episode end. An end inside a rollout of T steps leaves a stretch of
+        # at least T / 2 steps on one side of it, so T >= 2 x clip_length always leaves a whole window (a
+        # shorter rollout whose end falls in its middle would have none to cut a clip from).
+        require(2 * queries.clip_length <= ppo.rollout_steps, "queries.clip_length",
+                f"must fit twice in one rollout (ppo.rollout_steps={ppo.rollout_steps}), got {queries.clip_length}")
         self.iterations = env_steps // self.steps_per_iteration
         require(not stop_when_solved or env.solved_return is not None, "stop_when_solved",
                 f"{env.task} has no solved_return (env.solved_return) to stop at")
