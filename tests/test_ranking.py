@@ -63,6 +63,11 @@ def test_method_points_read_each_kind_of_run():
         "eval/gold_score": 1.2, "eval/win_rate_vs_sft": 0.8, "eval/kl": 3.5, "eval/gold_score_initial": 0.5,
         "eval/gold_score_std_initial": 0.6}}
     assert method_point("grpo_seed1", "grpo", 1, online) == Point("GRPO", 1, 1.2, 0.8, 3.5, 40.0, 0.5, 0.6)
+    # a reward-weighted step is named by its method's step; its start counts towards the SFT row
+    weighted = {**online, "stage": "reward_weighted"}
+    assert method_point("rest_seed2", "rest", 2, weighted) == Point("ReST", 2, 1.2, 0.8, 3.5, 40.0, 0.5, 0.6)
+    assert method_point("mine_seed0", "mine", 0, weighted).method == "mine"
+    assert rank([method_point("rest_seed2", "rest", 2, weighted)], None)[1]["measurements"] == 1
     best = {"stage": "best_of_n", "wall_time_s": 30.0, "metrics": {
         f"best_of_n/{n}/{k}": v for n in (1, 2, 16) for k, v in
         (("gold_score", n / 10), ("win_rate_vs_n1", 0.5 + n / 100), ("kl", math.log(n) - (n - 1) / n))}}

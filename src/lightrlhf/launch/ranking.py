@@ -3,7 +3,7 @@
 Each seeded step (`dpo_seed0`, `dpo_seed1`, ...) is one point: its held-out gold score, win rate
 against the SFT policy, KL to the SFT policy and wall time, read from its `metrics.json`:
 
-- PPO, GRPO, RLOO and DPO measure themselves at the end on the held-out prompts with a fixed
+- PPO, GRPO, RLOO, DPO and the reward-weighted methods measure themselves at the end on the held-out prompts with a fixed
   sampling seed (`eval/gold_score`, `eval/win_rate_vs_sft`, `eval/kl`, the k1 estimate summed over the
   response); at their start they measured the SFT policy the same way (`*_initial`). On the same
   prompts and seeds those starts are the same draws, which the SFT row shows as its spread.
@@ -28,7 +28,11 @@ from lightrlhf.io import atomic_write_bytes, atomic_write_text
 
 RANKING_TABLE, RANKING_POINTS, RANKING_PLOT = "ranking.md", "ranking.json", "ranking.png"
 # the stages that measure their start (the SFT policy) and their end on the same held-out prompts and seed
-FROM_SFT = ("ppo", "grpo", "rloo", "dpo")
+FROM_SFT = ("ppo", "grpo", "rloo", "dpo", "reward_weighted")
+# how a reward_weighted step is named in the table: by its step's name (`raft_seed0` -> RAFT), one step
+# per method (conf/experiment/method_ranking_zh.yaml); another step name is shown as it is
+REWARD_WEIGHTED_NAMES = {"raft": "RAFT", "rest": "ReST", "rwr": "RWR", "reinforce": "REINFORCE",
+                         "naive": "naive loss x reward"}
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,8 @@ def method_point(name: str, group: str, seed: int | None, record: dict[str, Any]
     """The point of one finished step, or None for a stage the ranking does not read."""
     metrics, stage = record.get("metrics", {}), record.get("stage", group)
     if stage in FROM_SFT and "eval/gold_score" in metrics:
-        return Point(stage.upper(), seed, metrics["eval/gold_score"], metrics.get("eval/win_rate_vs_sft", float("nan")),
+        label = REWARD_WEIGHTED_NAMES.get(group, group) if stage == "reward_weighted" else stage.upper()
+        return Point(label, seed, metrics["eval/gold_score"], metrics.get("eval/win_rate_vs_sft", float("nan")),
                      metrics.get("eval/kl", float("nan")), record.get("wall_time_s"),
                      metrics.get("eval/gold_score_initial"), metrics.get("eval/gold_score_std_initial"))
     if stage == "best_of_n":
@@ -90,7 +95,8 @@ def rank(points: Sequence[Point], sft_wall_time_s: float | None) -> tuple[list[R
         rows.append(Row(method, len(group), _mean_std([p.gold for p in group]),
                         _mean_std([p.win_rate_vs_sft for p in group]), _mean_std([p.kl for p in group]),
                         statistics.fmean(walls) if walls else None))
-    starts = [p.sft_gold for p in points if p.method.lower() in FROM_SFT and p.sft_gold is not None]
+    starts = [p.sft_gold for p in points if p.method != "SFT" and not p.method.startswith("best-of-")
+              and p.sft_gold is not None]
     stds = [p.sft_gold_std for p in points if p.sft_gold_std is not None]
     sft: dict[str, float] = {}
     if starts:
