@@ -133,3 +133,23 @@ def test_a_causal_chinese_policy_is_scored_by_the_encoder_rm_through_its_own_tok
     rescored = model.score([row["prompt"] for row in chosen], [row["completion"] for row in chosen]).tolist()
     assert [row["reward"] for row in chosen] == pytest.approx(rescored, abs=1e-4)
     assert all(any("\u4e00" <= ch <= "\u9fff" for ch in row["prompt"]) for row in chosen)
+
+
+@pytest.mark.slow
+def test_ppo_on_the_causal_chinese_policy_with_the_encoder_rm_logs_its_scores_in_chinese_tables(encoder_rm_run,
+                                                                                                 tmp_path):
+    from test_zh_pipeline import table_rows
+
+    run_dir = tmp_path / "ppo"
+    run_in_process(["stage=ppo", "data=demo_prompts", *ZH, "model=tiny_zh", f"reward.path={encoder_rm_run / 'export'}",
+                    "stage.datamodule.batch_size=8", "stage.eval.num_prompts=8", "stage.eval.batch_size=8",
+                    "reward.normalize.init_rollouts=1", "stage.rollouts=1", "stage.samples_every=1",
+                    "stage.generation.max_new_tokens=8", "trainer.val_check_interval=1"], run_dir)
+    record = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    assert record["metrics"]["progress/rollouts"] == 1.0 and "eval/gold_score" in record["metrics"]
+    assert len(table_rows(run_dir, "rollout_samples")) == 8
+    rows = table_rows(run_dir, "eval_samples")  # prompt, completion, score (raw units), gold
+    model = RewardModel.from_pretrained(encoder_rm_run / "export")
+    rescored = model.score([row[0] for row in rows], [row[1] for row in rows]).tolist()
+    assert [float(row[2]) for row in rows] == pytest.approx(rescored, abs=1e-3)  # the table shows 3 decimals
+    assert all(any("\u4e00" <= ch <= "\u9fff" for ch in row[0]) for row in rows)
