@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_in_process, shared, train_cli
+from conftest import ROOT, run_in_process, shared, train_cli
 from support.tiny_bert import save_tiny_bert
 from transformers import BertModel
 
@@ -88,6 +88,38 @@ def test_a_causal_stage_refuses_an_encoder_in_one_line(bert_dir):
         load_base_model(ModelSpec(name_or_path=str(bert_dir)))
     assert str(caught.value) == (f"config model.name_or_path: {bert_dir} is an encoder (masked LM), not a causal "
                                  "language model; it can be the base of a reward model (stage=rm), not of a policy")
+
+
+def test_an_ensemble_of_encoder_members_scores_each_with_its_own_adapter(bert_dir):
+    torch.manual_seed(0)
+    model = load_reward_model_for_training(ModelSpec(name_or_path=str(bert_dir)), ensemble=2).eval()
+    with torch.no_grad():
+        for name, param in model.module.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.2)
+        ids = torch.tensor([model.tokenizer("解释河岩：", "其河是静。")["input_ids"]])
+        members = model.member_rewards(ids, torch.ones_like(ids))
+        alone = []
+        for k, member in enumerate(model.members):
+            model.module.set_adapter(member)
+            hidden = model.module.get_base_model()(input_ids=ids).last_hidden_state[:, 0]
+            alone.append(model.heads[k](hidden).item())
+    assert members.shape == (2, 1) and members[:, 0].tolist() == pytest.approx(alone, abs=1e-5)
+    assert members[0, 0].item() != pytest.approx(members[1, 0].item(), abs=1e-4)
+
+
+def test_chat_messages_with_a_tokenizer_without_a_chat_template_are_one_line(bert_dir):
+    from lightrlhf.data.modules import PreferenceDataModule
+    from lightrlhf.data.source import DataSource
+
+    source = str(ROOT / "tests" / "fixtures" / "data" / "zh" / "pref_conversational.jsonl")
+    datamodule = PreferenceDataModule(DataSource(path=source, max_length=64, max_prompt_length=16),
+                                      load_tokenizer(ModelSpec(name_or_path=str(bert_dir))), batch_size=2)
+    with pytest.raises(UserError) as caught:
+        datamodule.setup("fit")
+    assert str(caught.value) == (
+        f"{source}:1: the prompt is a list of chat messages, but the tokenizer ({bert_dir}) has no chat template "
+        "to write it with; use plain-text prompts, or a tokenizer with a template (model.tokenizer=...)")
 
 
 @pytest.fixture(scope="module")
