@@ -54,7 +54,8 @@ CountTokens = Callable[[list[str]], list[int]]
 _CONTROL = re.compile(  # Cc but tab/newline/CR, and the invisible Cf characters that only break matching
     "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u2060\ufeff\ufff9-\ufffb]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_FULLWIDTH_PUNCTUATION = re.compile("([\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65])")
+# detail: with the ellipsis U+2026, which NFKC spells "..." and Chinese writes twice as its 省略号 "……"
+_FULLWIDTH_PUNCTUATION = re.compile("([\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65\u2026])")
 _INNER_SPACES = re.compile(r"(?<=\S)[ \t\u00a0\u3000]{2,}|(?<=\S)[\t\u00a0\u3000]")
 _TRAILING = re.compile(r"[ \t\u00a0\u3000]+$", re.MULTILINE)
 _BLANK_LINES = re.compile(r"\n{3,}")
@@ -128,8 +129,8 @@ def _remove_control(text: str) -> str:
 
 def _normalize_unicode(text: str, form: str) -> str:
     """`form` normalisation, except that full-width punctuation stays (NFKC would turn Chinese "，？！：" into
-    ASCII, and a model trained on that writes Chinese with ASCII punctuation); full-width letters and
-    digits are still folded."""
+    ASCII and "……" into "......", and a model trained on that writes Chinese with ASCII punctuation);
+    full-width letters and digits are still folded."""
     if text.isascii():
         return text
     if form != "NFKC" or not _FULLWIDTH_PUNCTUATION.search(text):

@@ -187,6 +187,7 @@ class _SourceDataModule(L.LightningDataModule):
         if src.validation_path is not None:
             val, val_report = loader(src.validation_path, split=src.validation_split, count_tokens=count_tokens,
                                      **src.options())
+        self._check_chat_template(train + (val or []))
         # every text tokenized once, a batch at a time: the summary and the features use the same ids
         self._known = self._pretokenize(train + (val or []))
         self._note("train", report)
@@ -197,6 +198,17 @@ class _SourceDataModule(L.LightningDataModule):
             train, val = src.hold_out(train)
             self.summary["validation/held_out_from_train"] = len(val)
         return train, val
+
+    def _check_chat_template(self, examples: list) -> None:
+        """Chat messages need the tokenizer's chat template to become text; a base model's tokenizer
+        (gpt2, an encoder such as BERT) has none, which transformers reports with a traceback."""
+        if getattr(self.tokenizer, "chat_template", None):
+            return
+        chat = next((e for e in examples if not isinstance(e.prompt, str)), None)
+        if chat is not None:
+            raise UserError(f"{chat.where}: the prompt is a list of chat messages, but the tokenizer "
+                            f"({self.tokenizer.name_or_path}) has no chat template to write it with; use plain-text "
+                            "prompts, or a tokenizer with a template (model.tokenizer=...)")
 
     def _pretokenize(self, examples: list) -> Pretokenized:
         texts = [prompt_contents(e.prompt) for e in examples]

@@ -176,8 +176,7 @@ class _Lines:
         try:
             return str(memoryview(line)[start:end], "utf-8")  # detail: a view, not a copy of the line
         except UnicodeDecodeError as error:
-            byte = line[start + error.start]
-            raise DataError(self.source, None, f"not valid UTF-8 (byte 0x{byte:02x} at line {number})") from None
+            raise DataError(self.source, None, _not_utf8(line[start:end], error.start, number)) from None
 
 
 def _text(data: bytes, source: str) -> str:
@@ -185,13 +184,28 @@ def _text(data: bytes, source: str) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
+        line_start = data.rfind(b"\n", 0, error.start) + 1
+        line_end = len(data) if (end := data.find(b"\n", error.start)) < 0 else end
         line = data.count(b"\n", 0, error.start) + 1
-        raise DataError(
-            source, None, f"not valid UTF-8 (byte 0x{data[error.start]:02x} at line {line})"
-        ) from None
+        raise DataError(source, None, _not_utf8(data[line_start:line_end], error.start - line_start, line)) from None
     if not text or text.isspace():
         raise DataError(source, None, "the file is empty")
     return text
+
+
+_CJK = re.compile("[\u3000-\u303f\u3400-\u9fff\uff00-\uffef]")
+
+
+def _not_utf8(line: bytes, position: int, number: int) -> str:
+    """The problem with a line that is not UTF-8 at `position`; a line that reads as Chinese in GB18030
+    (a superset of GBK and GB2312, what Chinese Windows tools save) says so, and how to convert it."""
+    problem = f"not valid UTF-8 (byte 0x{line[position]:02x} at line {number})"
+    try:
+        chinese = _CJK.search(line.decode("gb18030")) is not None
+    except UnicodeDecodeError:
+        chinese = False
+    return problem + ("; it reads as Chinese in GB18030/GBK: convert the file to UTF-8 "
+                      "(iconv -f GB18030 -t UTF-8)" if chinese else "")
 
 
 def _parse_json(

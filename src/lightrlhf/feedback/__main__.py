@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> None:
             wanted = {label.id for label in log.labels if label.choice in ("a", "b")}
             scores = reward_model_scores(args.reward_model, [c for id, c in candidates.items() if id in wanted])
         report = label_stats(log.labels, scores)
-        print(json.dumps(asdict(report), indent=2) if args.json else describe(report))
+        print(json.dumps(asdict(report), indent=2, ensure_ascii=False) if args.json else describe(report))
         if log.torn:
             print(f"note: {log.torn}: a torn last line (a crash mid-write) was skipped", file=sys.stderr)
 

@@ -16,6 +16,7 @@ the preferred response higher (equal scores count one half). Scores come from th
 from __future__ import annotations
 
 import statistics
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -154,6 +155,15 @@ def describe(stats: LabelStats) -> str:
 
 
 def _table(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-            for row in rows]
+    widths = [max(_width(row[i]) for row in rows) for i in range(len(rows[0]))]
+
+    def pad(cell: str, width: int, left: bool) -> str:
+        space = " " * (width - _width(cell))
+        return cell + space if left else space + cell
+
+    return ["  ".join(pad(cell, w, i == 0) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+
+
+def _width(text: str) -> int:
+    """Columns a terminal gives `text`: two for a wide character (Chinese 甲, full-width ，), one otherwise."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)

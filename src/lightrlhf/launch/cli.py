@@ -43,6 +43,16 @@ def _is_config_error(error: BaseException) -> bool:
                               OmegaConfBaseException))
 
 
+def _quoting_hint(error: BaseException) -> str:
+    """Hydra's override grammar takes unquoted values in ASCII only: a path in Chinese must be quoted."""
+    from hydra.errors import OverrideParseException
+
+    if isinstance(error, OverrideParseException) and not str(error).isascii():
+        return ("""; a value with characters outside ASCII (a path in Chinese, say) must be quoted: """
+                """'data.path="/数据/偏好.jsonl"'""")
+    return ""
+
+
 def exit_for_user_error(error: UserError) -> None:
     """Print the one line and leave with status 2 (SystemExit passes through Hydra untouched)."""
     sys.stderr.write(f"error: {error}\n")
@@ -63,6 +73,6 @@ def cli(hydra_main: Callable[[], Any]) -> None:
         sys.exit(getattr(interrupt, "exit_code", 130))
     except Exception as error:
         if _is_config_error(error):
-            sys.stderr.write(f"error: config: {condensed(error)}\n")
+            sys.stderr.write(f"error: config: {condensed(error)}{_quoting_hint(error)}\n")
             sys.exit(UserError.exit_code)
         raise

@@ -35,9 +35,9 @@ log = logging.getLogger("lightrlhf")
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     runs = []
     for metrics_file in sorted(sweep_dir.glob("*/metrics.json"), key=lambda p: _job_number(p.parent.name)):
-        record = json.loads(metrics_file.read_text())
+        record = json.loads(metrics_file.read_text(encoding="utf-8"))
         run_file = metrics_file.parent / "run.json"
-        overrides = json.loads(run_file.read_text()).get("overrides", []) if run_file.exists() else []
+        overrides = json.loads(run_file.read_text(encoding="utf-8")).get("overrides", []) if run_file.exists() else []
         runs.append({"dir": str(metrics_file.parent), "overrides": overrides, "status": record.get("status"),
                      "metric": record.get("optimized_metric"), "value": record.get("optimized_value"),
                      "mode": record.get("optimized_mode", "max"), "error": record.get("error")})
@@ -107,7 +107,7 @@ class SweepSummary(Callback):
         winner = best(runs)
         text = markdown(runs, winner)
         atomic_write_text(sweep_dir / "sweep_summary.md", text + "\n")
-        atomic_write_text(sweep_dir / "sweep_summary.json", json.dumps({"runs": runs, "best": winner}, indent=1))
+        atomic_write_text(sweep_dir / "sweep_summary.json", json.dumps({"runs": runs, "best": winner}, indent=1, ensure_ascii=False))
         failed = sum(r["status"] != "completed" for r in runs)
         log.info("sweep of %d runs (%d failed); summary: %s\n%s", len(runs), failed,
                  sweep_dir / "sweep_summary.md", text)

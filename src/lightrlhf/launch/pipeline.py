@@ -165,7 +165,7 @@ def _run_steps(spec: PipelineSpec, cfg: DictConfig, run_dir: Path, task_override
     results = {step.name: results.get(step.name) or _read_json(run_dir / step.name / METRICS_FILE)
                for step in spec.steps}
     summary = summarise(results, seeded={step.name for step in spec.steps if step.seed is not None})
-    atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
+    atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1, ensure_ascii=False))
     for line in summary_table(summary):
         log.info(line)
     if any(step.seed is not None for step in spec.steps):
@@ -229,7 +229,7 @@ def _has(cfg: DictConfig, key: str) -> bool:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
 

@@ -49,7 +49,7 @@ def read_record(run_dir: Path) -> dict[str, Any]:
         raise UserError(f"resume={run_dir}: no run to resume there (no {RUN_RECORD}; "
                         "is it the directory of a lightrlhf run?)")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as error:
         raise UserError(f"{path}: unreadable run record ({error})") from None
 
@@ -67,11 +67,11 @@ def write_record(run_dir: Path, overrides: list[str], choices: dict[str, Any], c
               "choices": {k: v for k, v in choices.items() if not k.startswith("hydra")}}
     previous = run_dir / RUN_RECORD
     if previous.exists():
-        record["launches"] = json.loads(previous.read_text()).get("launches", 1) + 1
+        record["launches"] = json.loads(previous.read_text(encoding="utf-8")).get("launches", 1) + 1
     else:
         record["launches"] = 1
     atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg))
-    atomic_write_text(previous, json.dumps(record, indent=1))
+    atomic_write_text(previous, json.dumps(record, indent=1, ensure_ascii=False))
 
 
 @contextlib.contextmanager

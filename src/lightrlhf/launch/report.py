@@ -48,7 +48,7 @@ def optimized(requested: str | None, default: str | None,
 
 def publish(record: dict[str, Any], run_dir: Path, trainer, headline: str | None, overrides: list[str]) -> None:
     """Write `metrics.json`, give TensorBoard the run's hyperparameters, log the summary."""
-    atomic_write_text(run_dir / METRICS_FILE, json.dumps(record, indent=1))
+    atomic_write_text(run_dir / METRICS_FILE, json.dumps(record, indent=1, ensure_ascii=False))
     log_hparams(trainer, record, overrides)
     for line in summary_lines(record, headline, run_dir):
         log.info(line)
@@ -60,7 +60,7 @@ def failed(run_dir: Path, error: Exception) -> float:
     message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
     log.error("run failed: %s", message, exc_info=not isinstance(error, UserError))
     atomic_write_text(run_dir / METRICS_FILE, json.dumps({"status": "failed", "error": message.splitlines()[0]
-                                                          if message else type(error).__name__}, indent=1))
+                                                          if message else type(error).__name__}, indent=1, ensure_ascii=False))
     return float("nan")
 
 

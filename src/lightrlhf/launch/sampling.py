@@ -48,6 +48,6 @@ def run_sampling(stage: Any, optimized_metric: str | None, cfg: DictConfig, run_
     metric, value, mode = report.optimized(optimized_metric, stage.default_metric, metrics)
     summary = {"status": "completed", "stage": name, "wall_time_s": round(time.perf_counter() - started, 2),
                "optimized_metric": metric, "optimized_value": value, "optimized_mode": mode, **result}
-    atomic_write_text(run_dir / report.METRICS_FILE, json.dumps(summary, indent=1))
+    atomic_write_text(run_dir / report.METRICS_FILE, json.dumps(summary, indent=1, ensure_ascii=False))
     log.info("%s finished in %.1f s; outputs: %s (metrics.json)", name, summary["wall_time_s"], run_dir)
     return value

@@ -231,7 +231,8 @@ def load_actor_critic(spec: ModelSpec, tokenizer, policy: PolicySpec, reward, va
     if reward is not None and reward.path is not None:
         meta = _reward_manifest(reward.path)
         members = export_members(Path(reward.path), meta)
-        if meta["base"]["fingerprint"] == identity.fingerprint and meta["weights"] == "adapter":
+        shares_base = meta["base"]["fingerprint"] == identity.fingerprint and meta["weights"] == "adapter"
+        if shares_base and meta.get("pooling", "last") == "last":  # an encoder's never is a causal policy's
             for adapter, member in zip(reward_adapter_names(len(members)), members, strict=True):
                 module.load_adapter(member_dir(Path(reward.path), member), adapter_name=adapter, is_trainable=False)
                 reward_heads.append(load_head(Path(reward.path), meta, member))

@@ -32,7 +32,9 @@ def manifest(*, stage: str, kind: str, weights: str, base: BaseIdentity, config:
 
 
 def write_manifest(directory: Path, content: dict[str, Any]) -> None:
-    (directory / EXPORT_MANIFEST).write_text(json.dumps(content, indent=1, sort_keys=False, default=str))
+    # the config and metrics as written (a Chinese data path stays readable), in UTF-8 whatever the locale
+    (directory / EXPORT_MANIFEST).write_text(json.dumps(content, indent=1, sort_keys=False, default=str,
+                                                        ensure_ascii=False), encoding="utf-8")
 
 
 def export_causal_lm(model, out_dir: str | Path, *, stage: str, config: dict | None = None,

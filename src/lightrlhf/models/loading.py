@@ -106,7 +106,7 @@ def read_export_manifest(directory: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise UserError(f"{path}: unreadable export manifest ({error})") from None
 
@@ -126,6 +126,10 @@ def load_tokenizer(spec: ModelSpec):
     except Exception as error:
         raise UserError(f"config model.tokenizer: cannot load a tokenizer from {directory} "
                         f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+    if tokenizer.eos_token is None and tokenizer.sep_token is not None:
+        # detail: an encoder's tokenizer (BERT) has no EOS; its [SEP] closes a segment, so prompt, then
+        # response and EOS reads [CLS] prompt [SEP] response [SEP]: BERT's own layout of a text pair
+        tokenizer.eos_token = tokenizer.sep_token
     if tokenizer.pad_token_id is None:
         # detail: a pad token equal to EOS is safe here because padding is always tracked by the
         # attention mask, never by comparing token ids with pad_token_id.
@@ -135,10 +139,39 @@ def load_tokenizer(spec: ModelSpec):
     return tokenizer
 
 
-def _from_pretrained(directory: Path, spec: ModelSpec):
-    from transformers import AutoModelForCausalLM
+def is_encoder(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> bool:
+    """Whether the model is an encoder (BERT, RoBERTa, ...): an architecture with a masked-LM head and
+    no decoder. Its text is read both ways, so it is no causal LM, and a reward model on it scores from
+    the first token ([CLS]) instead of the last."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+    directory = resolve_model_dir(name_or_path, revision)
+    if read_export_manifest(directory) is not None and not (directory / "config.json").is_file():
+        return False  # an adapter export: the causal-LM exports are the only ones loaded as a base
     try:
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, KeyError):
+        return False  # loading it as a causal LM gives the one-line error
+    return not config.is_encoder_decoder and config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def _from_pretrained(directory: Path, spec: ModelSpec, encoder: bool = False):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    kind = "an encoder" if encoder else "a causal language model"
+    if not encoder and is_encoder(str(directory), trust_remote_code=spec.trust_remote_code):
+        # detail: transformers would load BERT as BertLMHeadModel, a "causal" LM that reads the tokens
+        # it is to predict
+        raise UserError(f"config model.name_or_path: {directory} is an encoder (masked LM), not a causal language "
+                        "model; it can be the base of a reward model (stage=rm), not of a policy")
+    try:
+        if encoder:  # the transformer body alone: no masked-LM head, no pooler (the score head reads [CLS])
+            model = AutoModel.from_pretrained(directory, dtype=getattr(torch, spec.dtype),
+                                              trust_remote_code=spec.trust_remote_code)
+            if getattr(model, "pooler", None) is not None:
+                model.pooler = None
+            return model
         return AutoModelForCausalLM.from_pretrained(
             directory, dtype=getattr(torch, spec.dtype), trust_remote_code=spec.trust_remote_code,
             attn_implementation=spec.attn_implementation)
@@ -147,17 +180,17 @@ def _from_pretrained(directory: Path, spec: ModelSpec):
             raise UserError(f"config model.trust_remote_code: {directory} needs custom code from the model "
                             "repository; set model.trust_remote_code=true if you trust it") from None
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"config model.name_or_path: cannot load a causal language model from {directory} "
-                        f"({first})") from None
+        raise UserError(f"config model.name_or_path: cannot load {kind} from {directory} ({first})") from None
 
 
-def load_base_model(spec: ModelSpec):
-    """(causal LM with all weights frozen, its BaseIdentity). Export directories are followed."""
+def load_base_model(spec: ModelSpec, encoder: bool = False):
+    """(causal LM with all weights frozen, its BaseIdentity). Export directories are followed.
+    encoder: the transformer body of an encoder (`is_encoder`) instead, from a plain model directory."""
     _quiet_transformers()
     directory = resolve_model_dir(spec.name_or_path, spec.revision)
     manifest = read_export_manifest(directory)
-    if manifest is None:
-        model = _from_pretrained(directory, spec)
+    if manifest is None or encoder:
+        model = _from_pretrained(directory, spec, encoder)
         identity = BaseIdentity(str(directory), weights_fingerprint(directory))
     else:
         model, identity = _load_export_as_base(directory, manifest, spec)

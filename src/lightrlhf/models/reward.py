@@ -6,6 +6,16 @@ The head reads the backbone's hidden states directly (the LM head's vocabulary l
 computed). "Last real token" is found from the attention mask, so left and right padding give the
 same score, and a pad token equal to EOS does no harm.
 
+On an encoder (BERT, RoBERTa: `loading.is_encoder`) the head reads the *first* token instead:
+
+    r(x, y) = w . h_0 + b,   h_0 = last hidden state at [CLS] of [CLS] prompt [SEP] response [SEP]
+
+A causal model's last token is the only one that has seen the whole text; an encoder's every token
+has, and [CLS] is the one its pretraining made a summary of the sequence (Devlin et al. 2019, as in
+BERT's sequence classification). The export records it (`lightrlhf.json["pooling"]`: "first" or
+"last"), and such a model always scores through its own tokenizer, never as an adapter on a
+policy's base: a policy is a causal LM.
+
 An export keeps the adapter *and* the head (`score_head.safetensors`) together with the tokenizer:
 saving only the adapter, as a plain peft `save_pretrained` would, loses the head and silently
 scores with a random one. `RewardModel.from_pretrained(export)` loads the recorded base, checks
@@ -41,6 +51,7 @@ from lightrlhf.models.export import manifest, write_manifest
 from lightrlhf.models.loading import (
     BaseIdentity,
     check_same_base,
+    is_encoder,
     load_base_model,
     load_tokenizer,
     read_export_manifest,
@@ -50,6 +61,7 @@ from lightrlhf.rl.shaping import last_valid_index
 
 ADAPTER = "default"
 HEAD_FILE = "score_head.safetensors"
+POOLING = ("last", "first")  # the token the head reads: a causal LM's last real one, an encoder's [CLS]
 
 
 def member_names(size: int) -> list[str]:
@@ -94,18 +106,30 @@ def last_token_hidden(backbone: nn.Module, input_ids: Tensor, attention_mask: Te
     return hidden[torch.arange(hidden.shape[0]), index]
 
 
+def first_token_hidden(backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """An encoder's hidden state at each row's first real token ([CLS]), whatever the padding."""
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
+    index = attention_mask.long().argmax(-1)  # detail: argmax gives the first maximum, the first 1
+    return hidden[torch.arange(hidden.shape[0]), index]
+
+
 class RewardModel(nn.Module):
-    """`heads[k]` scores with adapter `members[k]` on (one of each for a single reward model)."""
+    """`heads[k]` scores with adapter `members[k]` on (one of each for a single reward model);
+    `pooling`: the token the heads read ("last", or "first" on an encoder)."""
 
     def __init__(self, module: nn.Module, heads: ScoreHead | list[ScoreHead], tokenizer, spec: ModelSpec,
-                 base: BaseIdentity, members: list[str] | None = None):
+                 base: BaseIdentity, members: list[str] | None = None, pooling: str = "last"):
         super().__init__()
         heads = [heads] if isinstance(heads, ScoreHead) else list(heads)
         members = members or member_names(len(heads))
         if len(members) != len(heads) or (len(members) > 1 and spec.lora is None):
             raise ValueError(f"{len(members)} member adapters for {len(heads)} heads (lora: {spec.lora})")
+        if pooling not in POOLING:
+            raise ValueError(f"pooling must be one of {POOLING}, got {pooling!r}")
         self.module, self.heads, self.tokenizer, self.spec, self.base = module, nn.ModuleList(heads), tokenizer, spec, base
-        self.members = members
+        self.members, self.pooling = members, pooling
+        self._hidden = first_token_hidden if pooling == "first" else last_token_hidden
         if spec.lora is None:
             module.requires_grad_(True)
             self._adapter_names = [n for n, _ in module.named_parameters()]
@@ -141,18 +165,18 @@ class RewardModel(nn.Module):
                 for k, member in enumerate(self.members)]
 
     def member_rewards(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """[K, B]: each member's rewards, read at each row's last real token."""
+        """[K, B]: each member's rewards, read at each row's last real token (an encoder's first)."""
         backbone = backbone_of(self.module)
         if self.ensemble_size == 1:
-            return self.heads[0](last_token_hidden(backbone, input_ids, attention_mask)).unsqueeze(0)
+            return self.heads[0](self._hidden(backbone, input_ids, attention_mask)).unsqueeze(0)
         out = []
         for member, head in zip(self.members, self.heads, strict=True):
             with active_adapter(self.module, member):
-                out.append(head(last_token_hidden(backbone, input_ids, attention_mask)))
+                out.append(head(self._hidden(backbone, input_ids, attention_mask)))
         return torch.stack(out)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Rewards [B] read at each row's last real token (an ensemble's: the members' mean)."""
+        """Rewards [B] read at each row's last real token, or an encoder's first (an ensemble's: the members' mean)."""
         return self.member_rewards(input_ids, attention_mask).mean(0)
 
     @torch.no_grad()
@@ -196,7 +220,7 @@ class RewardModel(nn.Module):
             write_manifest(staging, manifest(stage=stage, kind="reward_model",
                                              weights="adapter" if self.is_adapter else "full", base=self.base,
                                              config=config, metrics=metrics, head=HEAD_FILE,
-                                             hidden_size=self.head.linear.in_features, **extra))
+                                             hidden_size=self.head.linear.in_features, pooling=self.pooling, **extra))
         return Path(out_dir)
 
     @classmethod
@@ -206,20 +230,22 @@ class RewardModel(nn.Module):
         meta = reward_manifest(directory)
         members = export_members(directory, meta)
         tokenizer = load_tokenizer(ModelSpec(name_or_path=str(directory)))
+        pooling = meta.get("pooling", "last")  # exports from before encoders: causal, the last token
+        encoder = pooling == "first"
         if meta["weights"] == "full":
             spec = ModelSpec(name_or_path=str(directory), dtype=dtype, lora=None)
-            module, identity = load_base_model(spec)
+            module, identity = load_base_model(spec, encoder=encoder)
         else:
             from peft import PeftModel
 
             spec = ModelSpec(name_or_path=meta["base"]["name_or_path"], dtype=dtype)
-            base_model, identity = load_base_model(spec)
+            base_model, identity = load_base_model(spec, encoder=encoder)
             check_same_base(identity, meta["base"], what=str(directory))
             module = PeftModel.from_pretrained(base_model, member_dir(directory, members[0]), adapter_name=members[0])
             for member in members[1:]:
                 module.load_adapter(member_dir(directory, member), adapter_name=member)
         heads = [load_head(directory, meta, member) for member in members]
-        model = cls(module, heads, tokenizer, spec, identity, members)
+        model = cls(module, heads, tokenizer, spec, identity, members, pooling)
         model.requires_grad_(False)
         return model.eval()
 
@@ -268,7 +294,8 @@ def load_reward_model_for_training(spec: ModelSpec, tokenizer=None, head_std: fl
         raise UserError("config stage.ensemble: an ensemble is K LoRA adapters on one frozen base; "
                         "model.lora=null (full fine-tuning) would need K copies of the model")
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
-    base, identity = load_base_model(spec)
+    encoder = is_encoder(spec.name_or_path, spec.revision, spec.trust_remote_code)
+    base, identity = load_base_model(spec, encoder=encoder)
     members = member_names(ensemble)
     if spec.lora is None:
         module = base
@@ -276,9 +303,11 @@ def load_reward_model_for_training(spec: ModelSpec, tokenizer=None, head_std: fl
         from peft import get_peft_model
 
         # detail: task type CAUSAL_LM, not SEQ_CLS: the head is ours (kept in its own file), so the
-        # same adapter can later sit beside the policy's on one causal-LM base in PPO.
-        module = get_peft_model(base, spec.lora.to_peft("CAUSAL_LM"), adapter_name=members[0])
+        # same adapter can later sit beside the policy's on one causal-LM base in PPO. An encoder's
+        # adapter never does (a policy is causal): a plain feature extractor's.
+        task = "FEATURE_EXTRACTION" if encoder else "CAUSAL_LM"
+        module = get_peft_model(base, spec.lora.to_peft(task), adapter_name=members[0])
         for member in members[1:]:
-            module.add_adapter(member, spec.lora.to_peft("CAUSAL_LM"))
+            module.add_adapter(member, spec.lora.to_peft(task))
     heads = [ScoreHead(hidden_size_of(module), head_std) for _ in members]
-    return RewardModel(module, heads, tokenizer, spec, identity, members)
+    return RewardModel(module, heads, tokenizer, spec, identity, members, "first" if encoder else "last")

@@ -112,7 +112,7 @@ class LabelPairs:
         rows, summary = preference_rows(labels, candidates)
         earlier = []
         if self.previous is not None:
-            earlier = [json.loads(line) for line in (Path(self.previous) / PREFS_FILE).read_text().splitlines() if line]
+            earlier = [json.loads(line) for line in (Path(self.previous) / PREFS_FILE).read_text(encoding="utf-8").splitlines() if line]
             seen = {row.get("id") for row in earlier}
             repeated = [row["id"] for row in rows if row["id"] in seen]
             if repeated:

@@ -251,7 +251,7 @@ class SamplePairs:
         candidates_path, selection_path = out_dir / CANDIDATES_FILE, out_dir / SELECTION_FILE
         if candidates_path.is_file() and selection_path.is_file():
             log.info("sample_pairs: %s is complete from an earlier launch; kept as it is", candidates_path)
-            return json.loads(selection_path.read_text())
+            return json.loads(selection_path.read_text(encoding="utf-8"))
         pool = self.read_pool(self.pool) if self.pool else self.sample_pool()
         if not self.pool:
             atomic_write_text(out_dir / POOL_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pool))
@@ -266,7 +266,7 @@ class SamplePairs:
         rows = self.candidates(pool, chosen, scores, members)
         result = {"metrics": self.metrics(pool, chosen, scores, valid, members), "candidates": str(candidates_path),
                   "selection": self.selection, "policy": self.policy_name}
-        atomic_write_text(selection_path, json.dumps(result, indent=1))
+        atomic_write_text(selection_path, json.dumps(result, indent=1, ensure_ascii=False))
         atomic_write_text(candidates_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         log.info("sample_pairs: %d pairs (%s) of %d written to %s", len(rows), self.selection, int(valid.sum()),
                  candidates_path)
