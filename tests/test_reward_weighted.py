@@ -265,7 +265,7 @@ def test_a_short_run_of_each_method_logs_its_diagnostics_and_exports_a_moved_pol
 def test_killed_after_a_checkpoint_and_resumed_equals_uninterrupted(exports, tmp_path):
     """ReST: the most optimizer steps per iteration, over weight sets that depend on the sampler's state."""
     args = rw_args(exports, "stage.method=rest", "stage.rollouts=4", "trainer.val_check_interval=2",
-                   "callbacks.checkpoint.every_n_steps=6")
+                   "callbacks.checkpoint.every_n_steps=4")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert train_cli(args + [f"hydra.run.dir={straight}"]).returncode == 0
     done = train_with_fault("kill_after_checkpoint:2", args + [f"hydra.run.dir={killed}"])
@@ -282,3 +282,13 @@ def test_killed_after_a_checkpoint_and_resumed_equals_uninterrupted(exports, tmp
     assert {k: v for k, v in ma.items() if k not in timing} == {k: v for k, v in mb.items() if k not in timing}
     for tag in ("objective/kl", "policy/loss", "weights/threshold_1", "weights/kept_fraction_improve_2"):
         assert scalar_curve(killed, tag) == scalar_curve(straight, tag), tag
+
+
+def test_the_demo_experiment_hands_the_method_to_its_reward_weighted_step(tmp_path):
+    from lightrlhf.launch.pipeline import PipelineSpec
+    from lightrlhf.launch.run import to_plain
+
+    plain = to_plain(compose(["experiment=demo_reward_weighted", "stage.method=rwr"], tmp_path))
+    steps = PipelineSpec.from_config(plain["pipeline"]).steps
+    assert [s.name for s in steps] == ["sft", "rm", "reward_weighted"]
+    assert "stage.method=rwr" in steps[2].overrides and "stage=reward_weighted" in steps[2].overrides

@@ -97,7 +97,7 @@ class UpdateSpec:
     """
 
     group_size: int = 4
-    epochs: int = 2
+    epochs: int = 1
     minibatch_size: int = 16
     forward_batch_size: int | None = None
 
