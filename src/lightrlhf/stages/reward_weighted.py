@@ -190,6 +190,11 @@ class WeightedBatch:
     thresholds: list[float] = field(default_factory=list)  # ReST's, or naive's one
 
 
+def _rows(grouped: Tensor) -> Tensor:
+    """[prompts, k] -> [N] float, in the rollout's row order (row p*k + j is prompt p's j-th response)."""
+    return grouped.reshape(-1).float()
+
+
 class RewardWeightedStage(OnlineStage):
     default_metric = "eval/reward"
     stage_name = "reward_weighted"
@@ -245,20 +250,19 @@ class RewardWeightedStage(OnlineStage):
 
     def weight_sets(self, rewards: Tensor, scores: Tensor) -> tuple[list[WeightSet], list[float]]:
         """[prompts, k] shaped rewards and raw scores -> the method's weight sets (step 3) and thresholds."""
-        flat = lambda t: t.reshape(-1).float()  # noqa: E731
         if self.method == "raft":
-            return [WeightSet("raft", flat(raft_mask(rewards, self.raft.quantile)), "weighted_tokens", True)], []
+            return [WeightSet("raft", _rows(raft_mask(rewards, self.raft.quantile)), "weighted_tokens", True)], []
         if self.method == "rest":
             thresholds = rest_thresholds(rewards, self.rest.quantiles)
-            return [WeightSet(f"improve_{j + 1}", flat(above_threshold_mask(rewards, t)), "weighted_tokens", True)
+            return [WeightSet(f"improve_{j + 1}", _rows(above_threshold_mask(rewards, t)), "weighted_tokens", True)
                     for j, t in enumerate(thresholds)], thresholds.tolist()
         if self.method == "rwr":
-            return [WeightSet("rwr", flat(rwr_weights(rewards, self.rwr.temperature, self.rwr.normalization)),
+            return [WeightSet("rwr", _rows(rwr_weights(rewards, self.rwr.temperature, self.rwr.normalization)),
                               "tokens", False)], []
         if self.method == "reinforce":
-            return [WeightSet("reinforce", flat(leave_one_out_advantages(rewards)), "tokens", False)], []
+            return [WeightSet("reinforce", _rows(leave_one_out_advantages(rewards)), "tokens", False)], []
         threshold = self.naive_threshold()
-        return [WeightSet("naive", flat(naive_sign_rewards(scores, threshold)), "tokens", False)], [threshold]
+        return [WeightSet("naive", _rows(naive_sign_rewards(scores, threshold)), "tokens", False)], [threshold]
 
     # -- step 4: the update -------------------------------------------------------------------------
     def update(self, batch: WeightedBatch) -> dict[str, float]:
