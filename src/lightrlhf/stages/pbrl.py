@@ -77,14 +77,14 @@ class ControlPPOSpec:
     weights of the value loss and the entropy bonus. gamma, lam: GAE's discount and trace decay."""
 
     rollout_steps: int = 128
-    epochs: int = 10
+    epochs: int = 20
     num_minibatches: int = 4
     clip_range: float = 0.2
     value_clip_range: float = 10.0
     vf_coef: float = 0.5
-    entropy_coef: float = 0.01
-    gamma: float = 0.99
-    lam: float = 0.95
+    entropy_coef: float = 0.0
+    gamma: float = 0.98
+    lam: float = 0.8
 
     def __post_init__(self) -> None:
         for name in ("rollout_steps", "epochs", "num_minibatches", "clip_range", "value_clip_range"):
@@ -234,7 +234,7 @@ class PbRLStage(StageModule):
                  queries: QuerySpec = QuerySpec(), reward_model: RewardModelSpec = RewardModelSpec(),
                  policy: ActorCriticSpec = ActorCriticSpec(), ppo: ControlPPOSpec = ControlPPOSpec(),
                  exploration: ExplorationSpec = ExplorationSpec(), eval: ControlEvalSpec = ControlEvalSpec(),
-                 env_steps: int = 200_000, optim: OptimizerSpec = OptimizerSpec(lr=3e-4, eps=1e-5),
+                 env_steps: int = 200_000, optim: OptimizerSpec = OptimizerSpec(lr=1e-3, eps=1e-5),
                  scheduler: SchedulerSpec = SchedulerSpec(name="linear", warmup_steps=0, min_lr_ratio=0.0),
                  max_grad_norm: float | None = 0.5, stop_when_solved: bool = False, seed: int = 0,
                  numerics: NumericsSpec | None = None):
