@@ -31,7 +31,7 @@ def options():
             yield group, path.stem
 
 
-ONLINE_STAGES = ("ppo", "grpo", "rloo", "best_of_n", "sample_pairs")  # start from an SFT export and a reward model
+ONLINE_STAGES = ("ppo", "grpo", "rloo", "reward_weighted", "best_of_n", "sample_pairs")  # start from an SFT export and a reward model
 REWARD_KEY = {"sample_pairs": "stage.reward_model"}  # where the stage takes its reward model (else reward.path)
 
 

@@ -51,7 +51,7 @@ EMPTY = inspect.Parameter.empty
 TARGET, PARTIAL = "_target_", "_partial_"
 # the data each stage is usually run with (test_configs.py composes the same pairs)
 STAGE_DATA = {"rm": ["data=demo_pref"], "ppo": ["data=demo_prompts"], "grpo": ["data=demo_prompts"],
-              "rloo": ["data=demo_prompts"], "best_of_n": ["data=demo_prompts"], "sample_pairs": ["data=demo_prompts"],
+              "rloo": ["data=demo_prompts"], "reward_weighted": ["data=demo_prompts"], "best_of_n": ["data=demo_prompts"], "sample_pairs": ["data=demo_prompts"],
               "label": ["stage.candidates=candidates.jsonl"]}
 # blocks a stage file defines next to `stage` (PPO's roles)
 ROLE_BLOCKS = ("policy", "value", "reward")

@@ -241,6 +241,7 @@ HEADLINES = {
     "ppo": ("eval/reward", "eval/kl", "eval/win_rate_vs_sft", "eval/length_mean"),
     "grpo": ("eval/reward", "eval/kl", "eval/win_rate_vs_sft", "eval/length_mean"),
     "rloo": ("eval/reward", "eval/kl", "eval/win_rate_vs_sft", "eval/length_mean"),
+    "reward_weighted": ("eval/reward", "eval/kl", "eval/win_rate_vs_sft", "eval/length_mean"),
     "dpo": ("val/loss", "val/rewards/accuracies", "eval/kl", "eval/win_rate_vs_sft", "eval/length_mean"),
     "sample_pairs": ("pairs/selected", "pairs/score_mean", "pairs/gold_gap_mean"),
     "label": ("labels/total_pairs", "labels/gold_agreement"),

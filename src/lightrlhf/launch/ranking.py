@@ -28,7 +28,7 @@ from lightrlhf.io import atomic_write_bytes, atomic_write_text
 
 RANKING_TABLE, RANKING_POINTS, RANKING_PLOT = "ranking.md", "ranking.json", "ranking.png"
 # the stages that measure their start (the SFT policy) and their end on the same held-out prompts and seed
-FROM_SFT = ("ppo", "grpo", "rloo", "dpo")
+FROM_SFT = ("ppo", "grpo", "rloo", "reward_weighted", "dpo")
 
 
 @dataclass(frozen=True)
