@@ -33,8 +33,9 @@ Why each choice:
   response cut off without EOS is never "the best". The naive method reads the raw score against its
   threshold, as the seed's exact-match reward reads the answer.
 - RAFT and ReST train on the kept samples with the plain SFT loss (token mean over the kept rows); RWR,
-  REINFORCE and naive divide by the batch's token count, a constant, so a minibatch of low weights
-  moves the policy little (and signed weights never make a denominator cross zero).
+  REINFORCE and naive divide sum_i w_i NLL_i by the minibatch's rows times the rollout's mean length, a
+  constant, so a minibatch of low weights moves the policy little (and signed weights never make a
+  denominator cross zero).
 - Log-probs are taken at the sampling temperature (rollouts/rollout.py::scoring_temperature), which at
   the default temperature 1 is the model's own distribution.
 - No importance ratio or clipping: every method here is "imitate the (re)weighted samples"; with
