@@ -144,14 +144,22 @@ def test_fill_command_completes_hello_world_with_the_shipped_model():
     assert done.stdout.strip() == "你好，世界！"
 
 
-def test_fill_command_bad_input_is_one_line():
+def test_fill_command_bad_input_is_one_line(capsys):
+    """In-process through the command's own entry (the exit status and the one line it prints); one case also
+    in a process of its own."""
+    from lightrlhf.models.masked_lm import main
+
     for args, expected in ((["你好，世界！"], "has no [MASK] to fill"),
                            (["你好[MASK]", "--model", str(TINY_ZH_DIR)], "is not a masked language model"),
                            (["你好[MASK]", "--iterations", "0"], "--iterations: must be > 0")):
-        done = _fill(*args)
-        assert done.returncode == 2, (args, done.stderr)
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1 and expected in lines[0], (args, done.stderr)
+        with pytest.raises(SystemExit) as exited:
+            main(["fill", *args])
+        assert exited.value.code == 2, args
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and expected in lines[0], (args, lines)
+    done = _fill("你好，世界！")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: fill: the text has no [MASK] to fill: '你好，世界！'"]
 
 
 STAGE = ["stage=reward_weighted_mlm", "model=tiny_bert_zh", "demo=zh", "data=demo_prompts", "demo.prompt_size=512",
