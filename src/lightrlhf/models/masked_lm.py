@@ -143,14 +143,15 @@ class MaskPredictSpec:
 
     iterations: T, forward passes per fill (1: predict every mask at once).
     temperature: 0 = argmax (the paper's rule); > 0 samples.  top_k: sample among the k most likely (0 = off).
-    remasking: low_confidence (the paper's) or random.
+    remasking: random (the default: on tiny_bert_zh low_confidence keeps a confident early [SEP], giving
+      infills of ~4 characters where the corpus has ~10) or low_confidence (the paper's).
     response_length: the slot length L for prompts; None = the model's own (`config.response_slot`).
     """
 
     iterations: int = 10
     temperature: float = 1.0
     top_k: int = 0
-    remasking: Literal["low_confidence", "random"] = "low_confidence"
+    remasking: Literal["low_confidence", "random"] = "random"
     response_length: int | None = None
 
     def __post_init__(self) -> None:

@@ -134,9 +134,9 @@ class MaskedRewardWeightedStage(StageModule):
 
     def __init__(self, model: MaskedLM, datamodule: PromptDataModule, reward: RewardSpec, weighting: WeightingSpec,
                  likelihood: Literal["elbo", "one_step"] = "elbo", generation: MaskPredictSpec | None = None,
-                 optim: OptimizerSpec = OptimizerSpec(lr=1e-3),
+                 optim: OptimizerSpec = OptimizerSpec(lr=5e-4),
                  scheduler: SchedulerSpec = SchedulerSpec(name="constant", warmup_steps=0),
-                 max_grad_norm: float | None = 1.0, rollouts: int = 60, updates_per_rollout: int = 1,
+                 max_grad_norm: float | None = 1.0, rollouts: int = 40, updates_per_rollout: int = 2,
                  eval: EvalSpec | None = None, samples_every: int = 10, seed: int = 0,
                  forward_batch_size: int | None = None, numerics: NumericsSpec | None = None):
         super().__init__(optim, scheduler, max_grad_norm, numerics)
