@@ -336,7 +336,8 @@ def fill_text(module: nn.Module, tokenizer, text: str, prompt: str = "", spec: M
     out = mask_predict(module, batch, fill, spec, tokenizer.mask_token_id, banned_ids(tokenizer),
                        torch.Generator().manual_seed(seed))
     filled = batch.slots(out)[0, :len(response)].tolist()
-    return tokenizer.decode(filled, skip_special_tokens=False)
+    # detail: a mask the model filled with [SEP] or [PAD] means "shorter": such fillers are not shown
+    return tokenizer.decode(filled, skip_special_tokens=True)
 
 
 def main(argv: list[str] | None = None) -> None:
