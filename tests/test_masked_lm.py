@@ -190,7 +190,6 @@ def test_stage_runs_checkpoints_only_the_adapter_and_resumes(tmp_path):
     assert done.returncode == 0 and done.stdout.strip().startswith("你好，"), done.stderr
 
 
-@pytest.mark.slow
 def test_stage_bad_settings_are_one_line(tmp_path):
     from conftest import run_in_process
 
