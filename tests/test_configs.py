@@ -14,7 +14,12 @@ GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydr
 REQUIRED = {("data", "jsonl"): [f"data.path={FIXTURES / 'data' / 'sft_prompt_completion.jsonl'}"],
             ("stage", "rm"): ["data=demo_pref"], ("data", "demo_pref"): ["stage=rm"],
             ("data", "demo_labels"): ["stage=rm", f"data.path={FIXTURES / 'data' / 'pref_explicit.jsonl'}"],
-            ("stage", "label"): [f"stage.candidates={FIXTURES / 'data' / 'candidates_demo.jsonl'}"]}
+            ("stage", "label"): [f"stage.candidates={FIXTURES / 'data' / 'candidates_demo.jsonl'}"],
+            # the masked LM's stage: its model, the Chinese demo's prompts, a rule for the reward
+            ("stage", "reward_weighted_mlm"): [
+                "model=tiny_bert_zh", "demo=zh", "data=demo_prompts",
+                "+reward.components.full_stop={_target_:lightrlhf.rewards.spec.Component,"
+                "fn:{_target_:lightrlhf.rewards.functions.contains,_partial_:true,pattern:'。'}}"]}
 # GPU configs are built with the accelerator swapped for the CPU (everything else as shipped);
 # the composed value itself is checked separately below.
 ON_CPU = {("trainer", "gpu"): ["trainer.accelerator=cpu"]}

@@ -67,6 +67,8 @@ DIFFERS = {
                                          "whatever EvalSpec.num_prompts the stage is given",
     "OptimizerSpec.eps": "conf/stage/pbrl.yaml uses cleanrl's Adam epsilon 1e-5 for the control actor-critic; "
                          "the language-model stages keep AdamW's usual 1e-8",
+    "NormalizeSpec.init_rollouts": "conf/stage/reward_weighted_mlm.yaml samples k = 8 infills per prompt, so 2 "
+                                   "batches give 256 scores, as the online stages' 4 batches of 4 do",
     "SchedulerSpec.min_lr_ratio": "conf/stage/pbrl.yaml anneals PPO's learning rate to 0 at the end of the budget "
                                   "(cleanrl's anneal_lr); the other stages decay to a floor",
 }
