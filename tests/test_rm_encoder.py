@@ -87,7 +87,9 @@ def test_a_causal_stage_refuses_an_encoder_in_one_line(bert_dir):
     with pytest.raises(UserError) as caught:
         load_base_model(ModelSpec(name_or_path=str(bert_dir)))
     assert str(caught.value) == (f"config model.name_or_path: {bert_dir} is an encoder (masked LM), not a causal "
-                                 "language model; it can be the base of a reward model (stage=rm), not of a policy")
+                                 "language model; it can be the base of a reward model (stage=rm) or of "
+                                 "reward-weighted fine-tuning by mask-predict (stage=reward_weighted_mlm), not of a "
+                                 "causal policy")
 
 
 def test_an_ensemble_of_encoder_members_scores_each_with_its_own_adapter(bert_dir):

@@ -164,7 +164,8 @@ def _from_pretrained(directory: Path, spec: ModelSpec, encoder: bool = False):
         # detail: transformers would load BERT as BertLMHeadModel, a "causal" LM that reads the tokens
         # it is to predict
         raise UserError(f"config model.name_or_path: {directory} is an encoder (masked LM), not a causal language "
-                        "model; it can be the base of a reward model (stage=rm), not of a policy")
+                        "model; it can be the base of a reward model (stage=rm) or of reward-weighted fine-tuning by "
+                        "mask-predict (stage=reward_weighted_mlm), not of a causal policy")
     try:
         if encoder:  # the transformer body alone: no masked-LM head, no pooler (the score head reads [CLS])
             model = AutoModel.from_pretrained(directory, dtype=getattr(torch, spec.dtype),
