@@ -261,3 +261,22 @@ def test_parallel_steps_outside_train_py_are_one_line_asking_for_parallel_1():
     message = str(error.value)
     assert "\n" not in message and message.endswith("set pipeline.parallel=1")
     assert message.startswith("pipeline.parallel > 1 runs each step as `python train.py ...`")
+
+
+def test_every_step_of_the_chinese_ranking_runs_on_the_chinese_demo(tmp_path):
+    """experiment=method_ranking_zh: a step is composed from its own overrides and the command line's,
+    never from the experiment file's defaults, so each step must name demo=zh itself."""
+    from hydra import initialize_config_dir
+
+    spec = PipelineSpec.from_config(to_plain(compose(["experiment=method_ranking_zh"]).pipeline))
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        groups = {"stage": True, "model": True, "data": True, "demo": True}
+        names = set()
+        for step in spec.steps:
+            if step.seed not in (None, 0):
+                continue
+            step_cfg, _, _ = compose_step(step, spec, tmp_path, [], groups, "train")
+            assert step_cfg.demo.language == "zh", step.name
+            assert step_cfg.model.name_or_path.endswith("tiny_zh") or step_cfg.model.name_or_path.endswith("/export")
+            names.add(step.group)
+    assert names == {"sft", "rm", "ppo", "raft", "rest", "rwr", "reinforce", "naive"}
