@@ -92,7 +92,7 @@ BAD_INPUTS = [
     (["stage.optim.lr=-0.1"], "error: config stage.optim.lr: must be > 0, got -0.1"),
     (["+stage.learning_rate=0.1"], "error: config stage.learning_rate: unknown key for SFTStage"),
     (["stage.learning_rate=0.1"], "error: config: Could not override 'stage.learning_rate'. Key 'learning_rate' is not in struct"),
-    (["model=gpt3"], "error: config: In 'train': Could not find 'model/gpt3' Available options in 'model': gpt2 llama3_2_1b qwen2_5_0_5b tiny"),
+    (["model=gpt3"], "error: config: In 'train': Could not find 'model/gpt3' Available options in 'model': gpt2 llama3_2_1b qwen2_5_0_5b tiny tiny_bert_zh tiny_zh"),
     (["ckpt_path={d}/none.ckpt"], "error: config ckpt_path: {d}/none.ckpt is not a checkpoint file"),
     (["resume={d}"], "error: resume={d}: no run to resume there (no run.json; is it the directory of a lightrlhf run?)"),
     (["stage._target_=argparse.Namespace"], "error: config stage._target_: argparse.Namespace does not implement the "
