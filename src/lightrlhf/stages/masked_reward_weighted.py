@@ -62,7 +62,7 @@ from lightrlhf.rollouts.specs import EvalSpec
 from lightrlhf.stages.base import StageModule
 from lightrlhf.training.numerics import NumericsSpec
 from lightrlhf.training.optim import OptimizerSpec, SchedulerSpec
-from lightrlhf.training.reporting import log_data_summary, markdown_table
+from lightrlhf.training.reporting import log_data_summary, log_sample_table
 from lightrlhf.validation import in_range, non_negative, one_of, positive, require
 
 log = logging.getLogger(__name__)
@@ -344,14 +344,8 @@ class MaskedRewardWeightedStage(StageModule):
 
     def _log_table(self, tag: str, prompts: list[str], texts: list[str], scores: list[float],
                    gold: list[float] | None = None) -> None:
-        experiment = getattr(self.logger, "experiment", None)
-        if not hasattr(experiment, "add_text"):
-            return
-        n = self.eval_spec.num_logged
-        header = ["prompt", "infill", "score"] + (["gold"] if gold is not None else [])
-        rows = [[p, t, s] + ([g] if gold is not None else [])
-                for p, t, s, g in zip(prompts[:n], texts[:n], scores[:n], (gold or [None] * n)[:n])]
-        experiment.add_text(tag, markdown_table(header, rows), self.rollout_count)
+        log_sample_table(self.logger, tag, self.rollout_count, self.eval_spec.num_logged, prompts, texts, scores,
+                         gold, response="infill")
 
     # -- optimisation and checkpoints ----------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

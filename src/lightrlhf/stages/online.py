@@ -31,7 +31,7 @@ from lightrlhf.rollouts.rollout import chunks, sample_responses
 from lightrlhf.rollouts.specs import EvalSpec, GenerationSpec
 from lightrlhf.stages.base import StageModule
 from lightrlhf.training.alerts import AlertSpec, Tripwires
-from lightrlhf.training.reporting import log_data_summary, markdown_table
+from lightrlhf.training.reporting import log_data_summary, log_sample_table
 
 log = logging.getLogger(__name__)
 
@@ -160,14 +160,8 @@ class OnlineStage(StageModule):
 
     def _log_table(self, tag: str, prompts: list[str], texts: list[str], scores: list[float],
                    gold: list[float] | None = None) -> None:
-        experiment = getattr(self.logger, "experiment", None)
-        if not hasattr(experiment, "add_text"):
-            return
-        n = self.eval_spec.num_logged
-        header = ["prompt", "completion", "score"] + (["gold"] if gold is not None else [])
-        rows = [[p, t, s] + ([g] if gold is not None else [])
-                for p, t, s, g in zip(prompts[:n], texts[:n], scores[:n], (gold or [None] * n)[:n])]
-        experiment.add_text(tag, markdown_table(header, rows), self.rollout_count)
+        log_sample_table(self.logger, tag, self.rollout_count, self.eval_spec.num_logged, prompts, texts, scores,
+                         gold, response="completion")
 
     # -- checkpoints: the state every online stage keeps --------------------------------------------
     def online_state(self) -> dict[str, Any]:

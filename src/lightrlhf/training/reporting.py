@@ -27,3 +27,17 @@ def log_data_summary(logger: Any, summary: dict[str, Any], step: int = 0) -> Non
     experiment = getattr(logger, "experiment", None)
     if hasattr(experiment, "add_text"):
         experiment.add_text("data", markdown_table(["key", "value"], [[k, v] for k, v in sorted(summary.items())]), step)
+
+
+def log_sample_table(logger, tag: str, step: int, num_logged: int, prompts: list[str], texts: list[str],
+                     scores: list[float], gold: list[float] | None = None, response: str = "completion") -> None:
+    """The first `num_logged` samples as a TensorBoard text table (prompt, response, score[, gold]);
+    nothing when the logger cannot hold text."""
+    experiment = getattr(logger, "experiment", None)
+    if not hasattr(experiment, "add_text"):
+        return
+    n = num_logged
+    header = ["prompt", response, "score"] + (["gold"] if gold is not None else [])
+    rows = [[p, t, s] + ([g] if gold is not None else [])
+            for p, t, s, g in zip(prompts[:n], texts[:n], scores[:n], (gold or [None] * n)[:n])]
+    experiment.add_text(tag, markdown_table(header, rows), step)
