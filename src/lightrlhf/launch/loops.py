@@ -19,21 +19,39 @@ which round). `pipeline.extra.<kind>` adds overrides to every step of that kind.
                                       round 1: there is none yet)
     labels_r<n>  stage=label          labelled through the labelling server's HTTP API; prefs.jsonl
                                       holds every label so far
-    rm_r<n>      stage=rm             an ensemble on all labels so far, on the SFT model
-    ppo_r<n>     stage=ppo            from the SFT model against that reward model
+    rm_r<n>      stage=rm             an ensemble on all labels so far, on the round's starting policy
+    ppo_r<n>     stage=ppo            from the round's starting policy against that reward model
 
-PPO starts from SFT every round, not from the previous round's policy. The KL anchor and the reward
-model's base then stay the SFT model (the reward ensemble loads as adapters on the policy's own
-base), and the change in gold from one round to the next measures what the new labels bought,
-not drift accumulated over rounds; continuing would also carry each round's reward hacking into
-the next round's reference. The policy still moves on: each round's candidates are sampled from
-the newest PPO policy, so the labels go where the policy goes (the point of iterating).
+`ppo_from` says where each round's PPO starts:
+
+- `previous` (iterated online RLHF, Bai et al. 2022, sec. 4.5): round n continues from round n-1's
+  policy. That policy becomes the round's frozen base, its KL reference and the reward ensemble's
+  base (the ensemble then loads as adapters on the policy's own base, and the value function starts
+  from its first member). The KL penalty is a trust region around the last round's policy, and the
+  reward model that judges round n is trained on labels of round n-1's answers, so what the last
+  round over-optimised is what the new labels correct. Gains accumulate over rounds.
+- `sft`: every round starts again from the SFT model, against a reward model on the SFT model. The
+  change in gold from one round to the next then measures only what the new labels bought (an
+  ablation); the policy still moves on in that each round's candidates come from the newest PPO
+  policy.
 
 `ActiveSelection` (experiment=active_selection): does choosing the pairs help, at a fixed budget? For
 each seed: a pool of answers from the SFT policy; `seed_pairs` of its pairs labelled at random; an
 ensemble trained on them; then for each rule the remaining `budget - seed_pairs` pairs chosen from
 the same pool (not those asked already), labelled, and a reward model trained on seed + chosen
 labels. The table compares the reward models' `val/gold_accuracy` on the demo's 512 held-out pairs.
+
+With `batches` B > 1 a model-guided rule spends the chosen budget in B batches, as active learning
+does (Settles 2009, sec. 6.1; Christiano et al. 2017 ask continually as the ensemble learns): after
+each batch the ensemble is retrained on every label so far, and the next batch is chosen by it. An
+ensemble of the seed set alone knows little, so its disagreement is partly noise; each retraining
+sharpens what the next batch asks. `random` needs no model and is chosen in one batch (the same
+pairs as B batches of random draws would be, in distribution).
+
+    select_<rule>_s<seed>_b<b>   pairs chosen by the newest ensemble, none asked before
+    labels_<rule>_s<seed>_b<b>   labelled; prefs.jsonl holds every label of this rule so far
+    ensemble_<rule>_s<seed>_b<b> the ensemble on those labels (b < B), which chooses batch b + 1
+    rm_<rule>_s<seed>            the reward model on all `budget` labels
 """
 
 from __future__ import annotations
@@ -51,6 +69,7 @@ from lightrlhf.validation import positive, require
 
 ROUNDS_TABLE, ROUNDS_POINTS = "rounds.md", "rounds.json"
 ACTIVE_TABLE, ACTIVE_POINTS = "active_selection.md", "active_selection.json"
+PPO_STARTS = ("previous", "sft")
 
 
 @dataclass(frozen=True)
@@ -77,6 +96,13 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _weighted_mean(pairs: list[tuple[Any, int]]) -> float | None:
+    """The mean of the values weighted by their counts; None when any value is missing."""
+    if not pairs or any(v is None for v, _ in pairs):
+        return None
+    return sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
         "| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
@@ -96,8 +122,10 @@ class IteratedRLHF:
     label: list[str]
     rm: list[str]
     ppo: list[str]
+    ppo_from: str = "previous"
 
     def __post_init__(self) -> None:
+        require(self.ppo_from in PPO_STARTS, "ppo_from", f"must be one of {list(PPO_STARTS)}, got {self.ppo_from!r}")
         positive("rounds", self.rounds)
         positive("pairs_per_round", self.pairs_per_round)
         positive("prompts_per_round", self.prompts_per_round)
@@ -116,8 +144,9 @@ class IteratedRLHF:
             label = list(self.label) + [f"stage.candidates={{pairs_r{n}}}/candidates.jsonl"]
             if n > 1:
                 label.append(f"stage.previous={{labels_r{n - 1}}}")
-            rm = list(self.rm) + ["model.name_or_path={sft}/export", f"data.path={{labels_r{n}}}/prefs.jsonl"]
-            ppo = list(self.ppo) + ["policy.init={sft}/export", f"reward.path={{rm_r{n}}}/export"]
+            start = "{sft}" if n == 1 or self.ppo_from == "sft" else f"{{ppo_r{n - 1}}}"
+            rm = list(self.rm) + [f"model.name_or_path={start}/export", f"data.path={{labels_r{n}}}/prefs.jsonl"]
+            ppo = list(self.ppo) + [f"policy.init={start}/export", f"reward.path={{rm_r{n}}}/export"]
             steps += [LoopStep(f"pairs_r{n}", pairs, "sample_pairs"), LoopStep(f"labels_r{n}", label, "label"),
                       LoopStep(f"rm_r{n}", rm, "rm"), LoopStep(f"ppo_r{n}", ppo, "ppo")]
         return steps
@@ -125,28 +154,32 @@ class IteratedRLHF:
     def report(self, run_dir: Path, results: dict[str, dict[str, Any]]) -> list[str]:
         """rounds.md / rounds.json: labels, reward model and policy of each round; the table's lines."""
         rows = []
-        sft_gold = None
+        # round 1 starts from SFT either way; with ppo_from=previous later rounds start from their predecessor
+        sft_gold = _metrics(results, "ppo_r1").get("eval/gold_score_initial")
         for n in range(1, self.rounds + 1):
             pairs, labels = _metrics(results, f"pairs_r{n}"), _metrics(results, f"labels_r{n}")
             rm, ppo = _metrics(results, f"rm_r{n}"), _metrics(results, f"ppo_r{n}")
-            sft_gold = ppo.get("eval/gold_score_initial", sft_gold)
             rows.append({"round": n, "selection": "random" if n == 1 else self.selection,
                          "labels_total": _count(labels.get("labels/total_pairs")),
                          "label_gold_agreement": labels.get("labels/gold_agreement"),
                          "pairs_gold_gap": pairs.get("pairs/gold_gap_mean"),
                          "rm_gold_accuracy": rm.get("val/gold_accuracy"), "rm_accuracy": rm.get("val/accuracy"),
                          "ppo_gold": ppo.get("eval/gold_score"), "ppo_win_rate_vs_sft": ppo.get("eval/win_rate_vs_sft"),
-                         "ppo_kl": ppo.get("eval/kl"), "sft_gold": ppo.get("eval/gold_score_initial")})
+                         "ppo_kl": ppo.get("eval/kl"), "start_gold": ppo.get("eval/gold_score_initial")})
         golds = [r["ppo_gold"] for r in rows]
         rising = all(g is not None for g in golds) and all(b > a for a, b in zip(golds, golds[1:]))
-        lines = [f"sft gold: {_fmt(sft_gold)}"] + _table(
+        start = "SFT" if self.ppo_from == "sft" else "its start"
+        lines = [f"sft gold: {_fmt(sft_gold)}; PPO starts each round from "
+                 + ("the SFT model" if self.ppo_from == "sft" else "the previous round's policy")] + _table(
             ["round", "selection", "labels so far", "labels agreeing with gold", "gold gap of asked pairs",
-             "RM gold accuracy", "PPO gold", "PPO win rate vs SFT", "PPO KL"],
+             "RM gold accuracy", "PPO gold at start", "PPO gold", f"PPO win rate vs {start}", f"PPO KL to {start}"],
             [[r["round"], r["selection"], r["labels_total"], r["label_gold_agreement"], r["pairs_gold_gap"],
-              r["rm_gold_accuracy"], r["ppo_gold"], r["ppo_win_rate_vs_sft"], r["ppo_kl"]] for r in rows])
+              r["rm_gold_accuracy"], r["start_gold"], r["ppo_gold"], r["ppo_win_rate_vs_sft"], r["ppo_kl"]]
+             for r in rows])
         lines.append(f"held-out gold rises every round: {'yes' if rising else 'no'}")
         atomic_write_text(run_dir / ROUNDS_TABLE, "\n".join(lines) + "\n")
         atomic_write_text(run_dir / ROUNDS_POINTS, json.dumps({"rounds": rows, "sft_gold": sft_gold,
+                                                               "ppo_from": self.ppo_from,
                                                                "gold_rises_every_round": rising}, indent=1))
         return [""] + lines
 
@@ -168,6 +201,7 @@ class ActiveSelection:
     select: list[str]
     rm: list[str]
     baseline: str = "random"
+    batches: int = 1
 
     def __post_init__(self) -> None:
         require(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds), "seeds",
@@ -178,6 +212,20 @@ class ActiveSelection:
         positive("seed_pairs", self.seed_pairs)
         require(self.budget > self.seed_pairs, "budget", f"must exceed seed_pairs={self.seed_pairs}, got {self.budget}")
         positive("pool_prompts", self.pool_prompts)
+        positive("batches", self.batches)
+        require(self.batches <= self.budget - self.seed_pairs, "batches",
+                f"must be at most budget - seed_pairs = {self.budget - self.seed_pairs}, got {self.batches}")
+
+    def batch_budgets(self, rule: str) -> list[int]:
+        """The chosen labels of each batch: `budget - seed_pairs` split as evenly as it goes."""
+        chosen, batches = self.budget - self.seed_pairs, 1 if rule == "random" else self.batches
+        return [chosen // batches + (1 if b < chosen % batches else 0) for b in range(batches)]
+
+    def step_names(self, rule: str, seed: int) -> list[tuple[str, str, str]]:
+        """(select, labels, ensemble) step names of each batch; one batch keeps the unsuffixed names."""
+        batches = len(self.batch_budgets(rule))
+        tail = [""] if batches == 1 else [f"_b{b}" for b in range(1, batches + 1)]
+        return [(f"select_{rule}_s{seed}{t}", f"labels_{rule}_s{seed}{t}", f"ensemble_{rule}_s{seed}{t}") for t in tail]
 
     def steps(self) -> list[LoopStep]:
         steps = [LoopStep("sft", list(self.sft), "sft")]
@@ -192,17 +240,26 @@ class ActiveSelection:
                 LoopStep(ensemble, list(self.ensemble) + ["model.name_or_path={sft}/export",
                                                           f"data.path={{{seed_labels}}}/prefs.jsonl"], "ensemble", seed)]
             for rule in self.rules:
-                chosen, labels = f"select_{rule}_s{s}", f"labels_{rule}_s{s}"
-                steps += [
-                    LoopStep(chosen, list(self.select) + [
-                        "policy.init={sft}/export", f"stage.pool={{{pool}}}/pool.jsonl",
-                        f"stage.exclude=[{{{pool}}}/candidates.jsonl]", f"stage.selection={rule}",
-                        f"stage.reward_model={{{ensemble}}}/export", f"stage.budget={self.budget - self.seed_pairs}",
-                        f"stage.num_prompts={self.pool_prompts}", f"stage.id_prefix=s{s}-{rule}-"], "select", seed),
-                    LoopStep(labels, list(self.label) + [f"stage.candidates={{{chosen}}}/candidates.jsonl",
-                                                         f"stage.previous={{{seed_labels}}}"], "labels", seed),
-                    LoopStep(f"rm_{rule}_s{s}", list(self.rm) + ["model.name_or_path={sft}/export",
-                                                                 f"data.path={{{labels}}}/prefs.jsonl"], "rm", seed)]
+                asked, guide, previous = [f"{{{pool}}}/candidates.jsonl"], ensemble, seed_labels
+                names = self.step_names(rule, s)
+                for b, (budget, (chosen, labels, retrained)) in enumerate(zip(self.batch_budgets(rule), names), 1):
+                    steps += [
+                        LoopStep(chosen, list(self.select) + [
+                            "policy.init={sft}/export", f"stage.pool={{{pool}}}/pool.jsonl",
+                            f"stage.exclude=[{','.join(asked)}]", f"stage.selection={rule}",
+                            f"stage.reward_model={{{guide}}}/export", f"stage.budget={budget}",
+                            f"stage.num_prompts={self.pool_prompts}",
+                            f"stage.id_prefix=s{s}-{rule}-" + (f"b{b}-" if len(names) > 1 else "")], "select", seed),
+                        LoopStep(labels, list(self.label) + [f"stage.candidates={{{chosen}}}/candidates.jsonl",
+                                                             f"stage.previous={{{previous}}}"], "labels", seed)]
+                    asked.append(f"{{{chosen}}}/candidates.jsonl")
+                    previous = labels
+                    if b < len(names):  # the ensemble that chooses the next batch, on every label so far
+                        steps.append(LoopStep(retrained, list(self.ensemble) + [
+                            "model.name_or_path={sft}/export", f"data.path={{{labels}}}/prefs.jsonl"], "ensemble", seed))
+                        guide = retrained
+                steps.append(LoopStep(f"rm_{rule}_s{s}", list(self.rm) + ["model.name_or_path={sft}/export",
+                                                                          f"data.path={{{previous}}}/prefs.jsonl"], "rm", seed))
         return steps
 
     def report(self, run_dir: Path, results: dict[str, dict[str, Any]]) -> list[str]:
@@ -212,12 +269,18 @@ class ActiveSelection:
             row: dict[str, Any] = {"seed": s, "ensemble_gold_accuracy": _metrics(results, f"ensemble_s{s}").get(
                 "val/gold_accuracy")}
             for rule in self.rules:
-                rm, chosen = _metrics(results, f"rm_{rule}_s{s}"), _metrics(results, f"select_{rule}_s{s}")
-                labels = _metrics(results, f"labels_{rule}_s{s}")
+                names, sizes = self.step_names(rule, s), self.batch_budgets(rule)
+                rm, last_labels = _metrics(results, f"rm_{rule}_s{s}"), _metrics(results, names[-1][1])
+                # the chosen pairs' figures over all batches, each batch weighted by its size
+                gaps = [(_metrics(results, chosen).get("pairs/gold_gap_mean"), n) for (chosen, _, _), n in zip(names, sizes)]
+                agreements = [(_metrics(results, labels).get("labels/gold_agreement"), n)
+                              for (_, labels, _), n in zip(names, sizes)]
                 row[rule] = {"gold_accuracy": rm.get("val/gold_accuracy"), "accuracy": rm.get("val/accuracy"),
-                             "labels": _count(labels.get("labels/total_pairs")),
-                             "label_gold_agreement": labels.get("labels/gold_agreement"),
-                             "pairs_gold_gap": chosen.get("pairs/gold_gap_mean")}
+                             "labels": _count(last_labels.get("labels/total_pairs")),
+                             "label_gold_agreement": _weighted_mean(agreements),
+                             "pairs_gold_gap": _weighted_mean(gaps),
+                             "batch_ensembles_gold_accuracy": [_metrics(results, ensemble).get("val/gold_accuracy")
+                                                               for _, _, ensemble in names[:-1]]}
             points.append(row)
         others = [r for r in self.rules if r != self.baseline]
         header = ["seed", "seed-set ensemble"] + [f"{r}" for r in self.rules]
@@ -233,7 +296,8 @@ class ActiveSelection:
             summary[rule]["beats_baseline"] = f"{sum(wins)}/{len(wins)}"
         rows.append(["mean", None] + [summary[r]["mean"] for r in self.rules])
         lines = [f"held-out gold accuracy of reward models trained on {self.budget} labels "
-                 f"({self.seed_pairs} random, then {self.budget - self.seed_pairs} chosen by each rule)"]
+                 f"({self.seed_pairs} random, then {self.budget - self.seed_pairs} chosen by each rule"
+                 + (f", in {self.batches} batches for the model-guided rules" if self.batches > 1 else "") + ")"]
         lines += _table(header, rows)
         lines += [f"{rule} beats {self.baseline} in {summary[rule]['beats_baseline']} seeds" for rule in others]
         gaps = _table(["seed"] + [f"{r}: gold gap / label-gold agreement" for r in self.rules],
@@ -241,5 +305,6 @@ class ActiveSelection:
                                       for r in self.rules] for p in points])
         atomic_write_text(run_dir / ACTIVE_TABLE, "\n".join(lines + [""] + gaps) + "\n")
         atomic_write_text(run_dir / ACTIVE_POINTS, json.dumps({"budget": self.budget, "seed_pairs": self.seed_pairs,
+                                                               "batches": self.batches,
                                                                "seeds": points, "summary": summary}, indent=1))
         return [""] + lines
