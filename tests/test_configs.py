@@ -28,6 +28,8 @@ ON_CPU = {("trainer", "gpu"): ["trainer.accelerator=cpu"]}
 VALIDATE_ONLY = {("trainer", "fsdp"), ("trainer", "deepspeed"), ("logger", "wandb")}
 # Groups whose files are applied as overrides of the whole config (`# @package _global_`).
 GLOBAL_GROUPS = {"experiment", "hparams_search"}
+# Groups whose files are placed elsewhere than under their own name (`# @package demo.annotator`).
+PACKAGES = {"annotator": "demo.annotator"}
 
 
 def options():
@@ -55,7 +57,10 @@ def test_every_config_composes_and_builds(group, option, tmp_path, request):
     cfg = compose([f"{group}={option}"] + extra, tmp_path)
     plain = to_plain(cfg)
     _settings(plain)
-    node = plain[group] if group not in GLOBAL_GROUPS else plain
+    key, node = PACKAGES.get(group, group), plain
+    if group not in GLOBAL_GROUPS:
+        for part in key.split("."):
+            node = node[part]
     if group in GLOBAL_GROUPS:
         return  # composed above; its parts are built by the tests of those groups
     if (group, option) in VALIDATE_ONLY:
@@ -73,7 +78,7 @@ def test_every_config_composes_and_builds(group, option, tmp_path, request):
         built = [build(n, f"{group}.{k}") for k, n in node.items() if n]
         assert built
     else:
-        built = build(node, group)
+        built = build(node, key)
         assert built is not None
 
 

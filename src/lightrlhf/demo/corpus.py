@@ -18,7 +18,7 @@ import random
 import zlib
 from collections.abc import Iterator
 
-from lightrlhf.demo.annotator import TIE, SimulatedAnnotator
+from lightrlhf.demo.annotator import TIE, Annotator
 from lightrlhf.demo.language import (
     CONTENT_WORDS,
     FUNCTION_WORDS,
@@ -88,23 +88,33 @@ def sft_rows(n: int, split: str, seed: int) -> list[dict]:
     return rows
 
 
-def preference_rows(n: int, split: str, seed: int, annotator: SimulatedAnnotator) -> tuple[list[dict], int]:
-    """n labelled pairs (ties are re-drawn and counted); returns (rows, ties)."""
+def judged_pairs(split: str, seed: int, annotator: Annotator) -> Iterator[tuple[str, str, str, str]]:
+    """(prompt, a, b, verdict) without end: two demonstrations for one prompt, judged by `annotator`.
+
+    a and b are drawn independently from the same demonstrators, so the first-shown answer is no
+    better on average: an annotator's position bias is not confounded with quality."""
     rng = random.Random(f"pref-{split}-{seed}")
     source = prompts(rng, split)
-    rows, ties = [], 0
-    while len(rows) < n:
+    while True:
         prompt = next(source)
         a = write_response(prompt, demonstrator_style(rng), rng)
         b = write_response(prompt, demonstrator_style(rng), rng)
         if a == b:
             continue
-        verdict = annotator.label(prompt.text, a, b, rng)
+        yield prompt.text, a, b, annotator.label(prompt.text, a, b, rng)
+
+
+def preference_rows(n: int, split: str, seed: int, annotator: Annotator) -> tuple[list[dict], int]:
+    """n labelled pairs (ties are re-drawn and counted); returns (rows, ties)."""
+    judged = judged_pairs(split, seed, annotator)
+    rows, ties = [], 0
+    while len(rows) < n:
+        prompt, a, b, verdict = next(judged)
         if verdict == TIE:
             ties += 1
             continue
         chosen, rejected = (a, b) if verdict == "a" else (b, a)
-        rows.append({"prompt": prompt.text, "chosen": chosen, "rejected": rejected})
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return rows, ties
 
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from lightrlhf.demo.annotator import SimulatedAnnotator
+from lightrlhf.demo.annotator import Annotator, SimulatedAnnotator
 from lightrlhf.demo.corpus import preference_rows, prompt_rows, sft_rows
 from lightrlhf.demo.gold import gold_score
 from lightrlhf.demo.language_zh import to_chinese
@@ -39,7 +39,7 @@ class DemoTask:
     preference_size: int = 16000
     prompt_size: int = 4096
     validation_size: int = 512
-    annotator: SimulatedAnnotator = field(default_factory=SimulatedAnnotator)
+    annotator: Annotator = field(default_factory=SimulatedAnnotator)
     language: str = "en"
 
     def __post_init__(self) -> None:
@@ -58,7 +58,9 @@ class DemoTask:
         shape = {"version": GENERATOR_VERSION, "kind": kind, "split": split, "seed": self.seed,
                  "size": self.size(kind, split)}
         if kind == "preference":
-            shape["annotator"] = asdict(self.annotator)
+            # what shapes the labels (not the persona's name); settings added later appear only when
+            # set, so the default annotator's files keep the names they were first cached under
+            shape["annotator"] = self.annotator.shape()
         if self.language != "en":
             shape["language"] = self.language  # absent for English: its cached files keep their names
         digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]

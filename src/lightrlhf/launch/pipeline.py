@@ -48,6 +48,9 @@ SUMMARY_FILE = "summary.json"
 # What runs one step: `run.run_stage(cfg, step_dir, overrides, choices, config_name)`.
 StepRunner = Callable[[DictConfig, Path, list[str], dict[str, Any], str], Any]
 _ABSENT = object()
+# config groups whose files are packaged under another node than their own name (conf/annotator/*.yaml
+# are `# @package demo.annotator`): a step has the group when it has that node
+GROUP_NODES = {"annotator": "demo.annotator"}
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,7 @@ def _run_steps(spec: PipelineSpec, cfg: DictConfig, run_dir: Path, task_override
     global_overrides = _global_overrides(task_overrides)
     # every step composes the same config groups as the pipeline: a group override given on the
     # command line applies to every step, or (no such node: hparams_search) to none
-    groups = {key: _has(cfg, key) for key in choices}
+    groups = {key: _has(cfg, GROUP_NODES.get(key, key)) for key in choices}
     results: dict[str, dict[str, Any]] = {}
     value = None
     processes = StepProcesses(spec.parallel, entry_script()) if spec.parallel > 1 else None
