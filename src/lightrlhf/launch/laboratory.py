@@ -1,0 +1,256 @@
+"""The sandbox as a laboratory: experiments only a task with a hidden gold score can run.
+
+`Overoptimisation` (experiment=overoptimisation) reproduces Gao et al. 2022 ("Scaling Laws for Reward
+Model Overoptimization") on the demo. A proxy reward model learns from the simulated annotator's
+labels; best-of-n and PPO optimise the proxy; the hidden gold scorer says what really happened. For
+each seed:
+
+    rm_s<s>           the proxy: a reward model on the SFT model, from `rm` (a small label budget
+                      makes it imperfect enough to be gamed; `stage.ensemble=K` makes it an ensemble)
+    bon_s<s>          best-of-n from the SFT policy for n = 1, 2, 4, ..., n_max: gold and proxy of
+                      the chosen response against d = sqrt(KL_bon(n)), KL_bon(n) = log n - (n-1)/n
+    ppo_kl<c>_s<s>    PPO against the proxy with kl.coef = c, evaluated every few rollouts: gold,
+                      proxy and KL to SFT along the run (read back from its TensorBoard curves)
+
+The report (overoptimisation.md / .json / .png, and TensorBoard scalars under tb/, step = 1000 d)
+fits R(d) = d (alpha - beta d) to best-of-n and R(d) = d (alpha - beta log d) to PPO
+(rl/overoptimisation.py), for gold and for the proxy, where R is the gain over the SFT policy
+(d = 0); and for every curve it finds gold's peak, what gold gave back by the end (the drop), and
+whether the proxy was still rising past gold's peak -- over-optimisation is gold peaking and falling
+while the proxy keeps rising.
+
+Everything that makes the conditions of an experiment is an override of the steps: `annotator=noisy`
+(25% of labels flipped) changes the data the proxy learns from, `pipeline.extra.rm=[stage.ensemble=5]`
+with `reward.ensemble.aggregate=min` (worst-case, WCO) or `uncertainty` (mean - lambda std, UWO)
+changes the proxy (Coste et al. 2023), so the same report compares them.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lightrlhf.io import atomic_write_text
+from lightrlhf.launch.loops import LoopStep, _fmt, _table
+from lightrlhf.rl.overoptimisation import Fit, distance, fit, peak_of
+from lightrlhf.validation import require
+
+OVEROPT_TABLE, OVEROPT_POINTS, OVEROPT_PLOT = "overoptimisation.md", "overoptimisation.json", "overoptimisation.png"
+GOLD, PROXY, KL = "eval/gold_score", "eval/reward", "eval/kl"
+
+
+def kl_tag(coef: float) -> str:
+    """A step-name-safe spelling of a KL coefficient: 0 -> 0, 0.05 -> 0p05."""
+    return f"{coef:g}".replace(".", "p").replace("-", "m")
+
+
+def read_scalar_curves(tb_dir: Path, tags: tuple[str, ...]) -> dict[str, list[tuple[int, float]]]:
+    """Each tag's (step, value) points from every event file of a run (a resumed run has several; a
+    step written twice keeps its last value), in order of step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curves: dict[str, dict[int, float]] = {tag: {} for tag in tags}
+    for path in sorted(glob.glob(str(tb_dir / "**" / "events.out.tfevents.*"), recursive=True)):
+        events = EventAccumulator(path, size_guidance={"scalars": 0})
+        events.Reload()
+        available = set(events.Tags().get("scalars", []))
+        for tag in tags:
+            if tag in available:
+                for event in events.Scalars(tag):
+                    curves[tag][int(event.step)] = float(event.value)
+    return {tag: sorted(points.items()) for tag, points in curves.items()}
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One optimisation's path: distance d = sqrt(KL) from SFT, and gold and proxy gains over SFT."""
+
+    method: str  # best_of_n or ppo_kl<c>
+    seed: int
+    d: list[float]
+    gold: list[float]  # gain over d = 0
+    proxy: list[float]
+    labels: list[str]  # what each point is: n=<n> or rollout <r>
+
+    def summary(self) -> dict[str, Any]:
+        peak = peak_of(self.gold)
+        proxy_at_peak, proxy_final = self.proxy[peak.index], self.proxy[-1]
+        return {"gold_peak": peak.value, "gold_peak_d": self.d[peak.index], "gold_peak_at": self.labels[peak.index],
+                "gold_final": peak.final, "gold_drop": peak.drop, "gold_peaked_and_fell": peak.peaked_and_fell,
+                "proxy_final": proxy_final, "proxy_rose_past_gold_peak": proxy_final > proxy_at_peak,
+                "overoptimised": peak.peaked_and_fell and proxy_final > proxy_at_peak}
+
+
+def best_of_n_curve(record: dict[str, Any], seed: int, gold_name: str = "gold_score") -> Curve | None:
+    rows = record.get("table") or []
+    if not rows or gold_name not in rows[0]:
+        return None
+    base = rows[0]  # n = 1: the SFT policy itself
+    return Curve("best_of_n", seed, [distance(r["kl"]) for r in rows], [r[gold_name] - base[gold_name] for r in rows],
+                 [r["reward"] - base["reward"] for r in rows], [f"n={r['n']}" for r in rows])
+
+
+def ppo_curve(step_dir: Path, method: str, seed: int) -> Curve | None:
+    curves = read_scalar_curves(step_dir / "tb", (GOLD, PROXY, KL))
+    steps = sorted(set.intersection(*(set(s for s, _ in curves[tag]) for tag in (GOLD, PROXY, KL))))
+    if len(steps) < 2 or steps[0] != 0:
+        return None
+    value = {tag: dict(curves[tag]) for tag in (GOLD, PROXY, KL)}
+    return Curve(method, seed, [distance(value[KL][s]) for s in steps], [value[GOLD][s] - value[GOLD][0] for s in steps],
+                 [value[PROXY][s] - value[PROXY][0] for s in steps], [f"rollout {s}" for s in steps])
+
+
+def fits_of(curve: Curve) -> dict[str, Fit | None]:
+    form = "best_of_n" if curve.method == "best_of_n" else "rl"
+    out: dict[str, Fit | None] = {}
+    for what, gains in (("gold", curve.gold), ("proxy", curve.proxy)):
+        try:
+            out[what] = fit(form, curve.d, gains)
+        except ValueError:  # fewer than two points away from the start
+            out[what] = None
+    return out
+
+
+@dataclass(frozen=True)
+class Overoptimisation:
+    """See module docstring. `kl_coefs`: PPO's kl.coef values (0 included to see gold fall)."""
+
+    seeds: list[int]
+    kl_coefs: list[float]
+    sft: list[str]
+    rm: list[str]
+    best_of_n: list[str]
+    ppo: list[str]
+
+    def __post_init__(self) -> None:
+        require(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds), "seeds",
+                f"must be distinct integers, got {self.seeds}")
+        require(len({kl_tag(c) for c in self.kl_coefs}) == len(self.kl_coefs), "kl_coefs",
+                f"must be distinct, got {self.kl_coefs}")
+        for coef in self.kl_coefs:
+            require(coef >= 0, "kl_coefs", f"each must be >= 0, got {coef}")
+
+    def methods(self) -> list[str]:
+        return ["best_of_n"] + [f"ppo_kl{kl_tag(c)}" for c in self.kl_coefs]
+
+    def steps(self) -> list[LoopStep]:
+        steps = [LoopStep("sft", list(self.sft), "sft")]
+        for s in self.seeds:
+            seed, proxy = (f"seed={s}",), f"rm_s{s}"
+            wiring = ["policy.init={sft}/export", f"reward.path={{{proxy}}}/export"]
+            steps += [LoopStep(proxy, list(self.rm) + ["model.name_or_path={sft}/export"], "rm", seed),
+                      LoopStep(f"bon_s{s}", list(self.best_of_n) + wiring, "best_of_n", seed)]
+            steps += [LoopStep(f"ppo_kl{kl_tag(c)}_s{s}", list(self.ppo) + wiring + [f"stage.kl.coef={c}"], "ppo", seed)
+                      for c in self.kl_coefs]
+        return steps
+
+    def curves(self, run_dir: Path, results: dict[str, dict[str, Any]]) -> list[Curve]:
+        found = []
+        for s in self.seeds:
+            bon = best_of_n_curve(results.get(f"bon_s{s}") or {}, s)
+            found += [bon] if bon is not None else []
+            for c in self.kl_coefs:
+                method = f"ppo_kl{kl_tag(c)}"
+                curve = ppo_curve(run_dir / f"{method}_s{s}", method, s)
+                found += [curve] if curve is not None else []
+        return found
+
+    def report(self, run_dir: Path, results: dict[str, dict[str, Any]]) -> list[str]:
+        """overoptimisation.md / .json / .png and TensorBoard curves; the table's lines."""
+        curves = self.curves(run_dir, results)
+        points = []
+        for curve in curves:
+            fits = fits_of(curve)
+            rm = (results.get(f"rm_s{curve.seed}") or {}).get("metrics", {})
+            points.append({"method": curve.method, "seed": curve.seed, "d": curve.d, "gold_gain": curve.gold,
+                           "proxy_gain": curve.proxy, "points": curve.labels, **curve.summary(),
+                           "rm_gold_accuracy": rm.get("val/gold_accuracy"),
+                           "fits": {what: None if f is None else {"alpha": f.alpha, "beta": f.beta, "r_squared": f.r_squared}
+                                    for what, f in fits.items()}})
+        lines = self._lines(points)
+        atomic_write_text(run_dir / OVEROPT_TABLE, "\n".join(lines) + "\n")
+        atomic_write_text(run_dir / OVEROPT_POINTS, json.dumps({"curves": points, "verdict": self._verdict(points)}, indent=1))
+        if curves:
+            plot_curves(curves, run_dir / OVEROPT_PLOT)
+            write_tensorboard(curves, run_dir / "tb")
+        return [""] + lines
+
+    def _verdict(self, points: list[dict[str, Any]]) -> dict[str, str]:
+        """For each method: in how many seeds gold peaked and fell while the proxy rose."""
+        return {m: f"{sum(p['overoptimised'] for p in points if p['method'] == m)}/{len(self.seeds)}"
+                for m in self.methods()}
+
+    def _lines(self, points: list[dict[str, Any]]) -> list[str]:
+        def coef(p: dict[str, Any], what: str, key: str) -> Any:
+            f = p["fits"][what]
+            return None if f is None else f[key]
+
+        rows = [[p["method"], p["seed"], p["rm_gold_accuracy"], p["gold_peak"], p["gold_peak_at"], p["gold_final"],
+                 p["gold_drop"], p["proxy_final"], "yes" if p["overoptimised"] else "no",
+                 coef(p, "gold", "alpha"), coef(p, "gold", "beta"), coef(p, "gold", "r_squared"),
+                 coef(p, "proxy", "alpha"), coef(p, "proxy", "beta"), coef(p, "proxy", "r_squared")] for p in points]
+        lines = ["gains over the SFT policy against d = sqrt(KL); fits: best-of-n R = d(alpha - beta d), "
+                 "PPO R = d(alpha - beta log d) (Gao et al. 2022)"]
+        lines += _table(["method", "seed", "proxy RM gold acc.", "gold peak", "at", "gold final", "drop",
+                         "proxy final", "gold fell, proxy rose", "gold alpha", "gold beta", "gold R2",
+                         "proxy alpha", "proxy beta", "proxy R2"], rows)
+        means = []
+        for method in self.methods():
+            mine = [p for p in points if p["method"] == method]
+            if mine:
+                means.append(f"{method}: mean gold peak {_fmt(statistics.fmean(p['gold_peak'] for p in mine))}, "
+                             f"mean drop {_fmt(statistics.fmean(p['gold_drop'] for p in mine))}")
+        lines += [""] + means
+        lines += [f"{m}: gold peaked and fell while the proxy rose in {v} seeds" for m, v in self._verdict(points).items()]
+        return lines
+
+
+def plot_curves(curves: list[Curve], out: Path) -> None:
+    """Gold (solid) and proxy (dashed) gain against d, one panel per method, one colour per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    methods = list(dict.fromkeys(c.method for c in curves))
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.8), dpi=110, squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    seeds = sorted({c.seed for c in curves})
+    for ax, method in zip(axes[0], methods):
+        for curve in (c for c in curves if c.method == method):
+            colour = colours[seeds.index(curve.seed) % len(colours)]
+            ax.plot(curve.d, curve.gold, "-o", color=colour, ms=3, label=f"gold, seed {curve.seed}")
+            ax.plot(curve.d, curve.proxy, "--", color=colour, alpha=0.6, label=f"proxy, seed {curve.seed}")
+            gold_fit = fits_of(curve)["gold"]
+            if gold_fit is not None:
+                grid = [max(curve.d) * i / 60 for i in range(61)]
+                ax.plot(grid, [gold_fit(x) for x in grid], ":", color=colour, lw=1)
+        ax.axhline(0.0, color="grey", lw=0.5)
+        ax.set_title(method.replace("_", " "))
+        ax.set_xlabel("d = sqrt(KL to SFT)")
+        ax.set_ylabel("gain over SFT (gold solid, proxy dashed, fit dotted)")
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def write_tensorboard(curves: list[Curve], tb_dir: Path) -> None:
+    """overoptimisation/<method>/seed<s>/{gold,proxy} at step round(1000 d): TensorBoard plots against
+    an integer step, so the x axis reads d in thousandths."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tb_dir))
+    try:
+        for curve in curves:
+            for d, gold, proxy in zip(curve.d, curve.gold, curve.proxy):
+                step = int(round(1000 * d))
+                writer.add_scalar(f"overoptimisation/{curve.method}/seed{curve.seed}/gold", gold, step)
+                writer.add_scalar(f"overoptimisation/{curve.method}/seed{curve.seed}/proxy", proxy, step)
+    finally:
+        writer.close()

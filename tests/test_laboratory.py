@@ -1,0 +1,100 @@
+"""experiment=overoptimisation as written out and reported by launch/laboratory.py, on made-up curves
+(the steps themselves are run by test_overoptimisation_run in the slow suite)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from lightrlhf.errors import ConfigValueError
+from lightrlhf.launch.laboratory import Overoptimisation, kl_tag, ppo_curve, read_scalar_curves
+
+
+def experiment(**kw) -> Overoptimisation:
+    spec = dict(seeds=[0, 1], kl_coefs=[0.0, 0.05], sft=["stage=sft"], rm=["stage=rm"], best_of_n=["stage=best_of_n"],
+                ppo=["stage=ppo"])
+    return Overoptimisation(**{**spec, **kw})
+
+
+def test_each_seed_gets_a_proxy_and_every_optimiser_uses_it():
+    steps = experiment().steps()
+    names = [s.name for s in steps]
+    assert names == ["sft", "rm_s0", "bon_s0", "ppo_kl0_s0", "ppo_kl0p05_s0", "rm_s1", "bon_s1", "ppo_kl0_s1",
+                     "ppo_kl0p05_s1"]
+    by_name = {s.name: s for s in steps}
+    assert "model.name_or_path={sft}/export" in by_name["rm_s1"].overrides
+    for name in ("bon_s1", "ppo_kl0_s1", "ppo_kl0p05_s1"):
+        assert "reward.path={rm_s1}/export" in by_name[name].overrides
+        assert "policy.init={sft}/export" in by_name[name].overrides
+        assert by_name[name].fixed == ("seed=1",)
+    assert "stage.kl.coef=0.05" in by_name["ppo_kl0p05_s0"].overrides
+    assert by_name["ppo_kl0p05_s0"].group == "ppo"
+
+
+def test_kl_tags_are_step_name_safe_and_must_be_distinct():
+    assert (kl_tag(0.0), kl_tag(0.05), kl_tag(1.0)) == ("0", "0p05", "1")
+    with pytest.raises(ConfigValueError, match="kl_coefs"):
+        experiment(kl_coefs=[0.05, 0.050])
+    with pytest.raises(ConfigValueError, match="kl_coefs"):
+        experiment(kl_coefs=[-0.1])
+
+
+def write_curve(tb_dir, points, split_at=None):
+    """(rollout, gold, proxy, kl) points as a PPO run logs them; split_at: a second event file from there
+    on (a resumed run), repeating the point at split_at with a new value that must win."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    parts = [points] if split_at is None else [points[:split_at + 1], points[split_at:]]
+    for i, part in enumerate(parts):
+        writer = SummaryWriter(str(tb_dir / f"part{i}"))
+        for step, gold, proxy, kl in part:
+            bump = 0.01 if (i == 1 and step == points[split_at][0]) else 0.0
+            writer.add_scalar("eval/gold_score", gold + bump, step)
+            writer.add_scalar("eval/reward", proxy, step)
+            writer.add_scalar("eval/kl", kl, step)
+        writer.close()
+
+
+GOLD_UP_THEN_DOWN = [(0, 0.5, 0.0, 0.0), (10, 0.9, 2.0, 1.0), (20, 1.1, 4.0, 4.0), (30, 0.8, 6.0, 9.0)]
+
+
+def test_ppo_curves_come_back_from_tensorboard_as_gains_against_sqrt_kl(tmp_path):
+    write_curve(tmp_path / "ppo" / "tb", GOLD_UP_THEN_DOWN, split_at=2)
+    curves = read_scalar_curves(tmp_path / "ppo" / "tb", ("eval/gold_score",))
+    assert [s for s, _ in curves["eval/gold_score"]] == [0, 10, 20, 30]
+    assert curves["eval/gold_score"][2][1] == pytest.approx(1.11)  # the resumed run's value wins
+    curve = ppo_curve(tmp_path / "ppo", "ppo_kl0", 0)
+    assert curve.d == pytest.approx([0.0, 1.0, 2.0, 3.0])
+    assert curve.gold == pytest.approx([0.0, 0.4, 0.61, 0.3])
+    assert curve.proxy == pytest.approx([0.0, 2.0, 4.0, 6.0])
+    summary = curve.summary()
+    assert summary["gold_peak_at"] == "rollout 20" and summary["gold_drop"] == pytest.approx(0.31)
+    assert summary["overoptimised"]
+
+
+def test_the_report_fits_both_forms_and_counts_seeds_where_gold_fell_while_the_proxy_rose(tmp_path):
+    loop = experiment(seeds=[0], kl_coefs=[0.0])
+    write_curve(tmp_path / "ppo_kl0_s0" / "tb", GOLD_UP_THEN_DOWN)
+    table = [{"n": n, "reward": 0.1 * math.log(n), "gold_score": 0.5 + d * (0.8 - 0.4 * d), "kl": d * d}
+             for n, d in ((1, 0.0), (4, 1.0), (16, 1.5), (64, 2.0), (256, 2.5))]
+    results = {"bon_s0": {"table": table}, "rm_s0": {"metrics": {"val/gold_accuracy": 0.8}}}
+    lines = loop.report(tmp_path, results)
+    report = json.loads((tmp_path / "overoptimisation.json").read_text())
+    bon = next(c for c in report["curves"] if c["method"] == "best_of_n")
+    assert bon["fits"]["gold"]["alpha"] == pytest.approx(0.8) and bon["fits"]["gold"]["beta"] == pytest.approx(0.4)
+    assert bon["fits"]["gold"]["r_squared"] == pytest.approx(1.0)
+    assert bon["gold_peak_at"] == "n=4"  # d* = alpha / (2 beta) = 1 and bon["overoptimised"] and bon["rm_gold_accuracy"] == 0.8
+    assert report["verdict"] == {"best_of_n": "1/1", "ppo_kl0": "1/1"}
+    assert "best_of_n: gold peaked and fell while the proxy rose in 1/1 seeds" in lines
+    assert (tmp_path / "overoptimisation.png").stat().st_size > 10_000
+    assert (tmp_path / "overoptimisation.md").read_text().count("\n| ") >= 3
+    written = read_scalar_curves(tmp_path / "tb", ("overoptimisation/ppo_kl0/seed0/gold",))
+    assert [s for s, _ in written["overoptimisation/ppo_kl0/seed0/gold"]] == [0, 1000, 2000, 3000]
+
+
+def test_a_missing_step_leaves_its_curve_out_instead_of_failing(tmp_path):
+    lines = experiment(seeds=[0], kl_coefs=[0.0]).report(tmp_path, {})
+    assert json.loads((tmp_path / "overoptimisation.json").read_text())["curves"] == []
+    assert "ppo_kl0: gold peaked and fell while the proxy rose in 0/1 seeds" in lines
