@@ -118,3 +118,18 @@ def test_n_out_of_range():
     with pytest.raises(ValueError, match=r"n must be in \[1, 3\]"):
         best_of_n_weights(torch.zeros(3), 0)
     assert math.isfinite(best_of_n_mean(torch.zeros(3), torch.zeros(3), 3).item())
+
+
+def test_a_thousand_draws_neither_overflow_nor_lose_the_weights():
+    # C(1025, 512) is ~1e307 and C(1025, 600) overflows float64: the weights are ratios in [0, 1]
+    rewards = torch.randn(1025, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for n in (1, 256, 600, 1025):
+        weights = best_of_n_weights(rewards, n)
+        assert torch.isfinite(weights).all() and weights.sum().item() == pytest.approx(1.0, abs=1e-9)
+    top = best_of_n_weights(rewards, 1025)
+    assert top[rewards.argmax()].item() == 1.0  # the best of all the draws is the top draw
+    # the best of 256 out of 1025: rank i from the top has weight C(1024 - i, 255) / C(1025, 256)
+    order = torch.argsort(rewards, descending=True)
+    weights = best_of_n_weights(rewards, 256)
+    assert weights[order[0]].item() == pytest.approx(256 / 1025)
+    assert weights[order[1]].item() == pytest.approx(256 / 1025 * 769 / 1024)

@@ -46,16 +46,20 @@ def best_of_n_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-def _comb_table(size: int, n: int) -> Tensor:
-    """C(k, n) for k = 0 .. size, in float64 (exact integers, then one rounding each)."""
-    return torch.tensor([float(math.comb(k, n)) for k in range(size + 1)], dtype=torch.float64)
+def _comb_ratio_table(size: int, n: int) -> Tensor:
+    """C(k, n) / C(size, n) for k = 0 .. size, in float64.
+
+    The ratio, not C(k, n) itself: C(257, 128) is ~6e75 and C(1025, 512) overflows float64, while the
+    ratio lies in [0, 1]. Python divides the exact integers with one correct rounding."""
+    whole = math.comb(size, n)
+    return torch.tensor([math.comb(k, n) / whole for k in range(size + 1)], dtype=torch.float64)
 
 
 def _chosen_probability(below: Tensor, equal: Tensor, total: int, n: int) -> Tensor:
     """P(a response is the best of a uniformly random n-subset of `total`), ties broken uniformly:
     [C(below + equal, n) - C(below, n)] / (equal * C(total, n)); `equal` counts the response itself."""
-    table = _comb_table(total, n)
-    return (table[below + equal] - table[below]) / (equal.to(torch.float64) * math.comb(total, n))
+    table = _comb_ratio_table(total, n)
+    return (table[below + equal] - table[below]) / equal.to(torch.float64)
 
 
 def best_of_n_weights(rewards: Tensor, n: int) -> Tensor:
