@@ -13,6 +13,8 @@ selection asks about (Christiano et al. 2017, sec. 2.2.4; Lee et al. 2021, B-Pre
 Bradley-Terry learns rewards only up to a constant per member (P(a > b) depends on r(a) - r(b)), so
 a raw std across members would partly measure those constants. `align_offsets` removes them; the
 pair scores of rl/selection.py use only differences within a prompt, where they cancel anyway.
+As the scorer of an online method (`reward.ensemble`), the members are standardised on the initial
+policy's samples before the minimum or mean - lambda * std is taken (`standardised_aggregate`).
 """
 
 from __future__ import annotations
@@ -56,3 +58,72 @@ def align_offsets(member_means: Tensor) -> Tensor:
     The ensemble mean is unchanged (the offsets sum to 0); the std then measures disagreement about
     the responses, not the constants Bradley-Terry leaves free."""
     return member_means - member_means.mean()
+
+
+# -- an ensemble as the scorer: mean, worst case, uncertainty-weighted --------------------------------
+#
+# Coste et al. 2023 ("Reward Model Ensembles Help Mitigate Overoptimization", ICLR 2024) optimise a
+# conservative combination of K reward models: the worst case over the members (WCO) and the mean
+# minus a penalty on their disagreement (UWO). Their UWO penalises the members' variance,
+# mean - lambda * 1/K sum_k (r_k - mean)^2; here the penalty is the (sample) standard deviation,
+# mean - lambda * std, which has the reward's units, so lambda reads as "standard deviations of
+# disagreement below the mean" (a lower confidence bound) and the result can be written back in the
+# reward's units. Both grow with the disagreement and leave agreeing members at their mean.
+#
+# Bradley-Terry fixes each member only up to its own additive constant, and members trained apart
+# also differ in scale; the minimum and the std of raw member scores would partly measure those.
+# So (as Coste et al. do) each member is first standardised by its own mean and std on the initial
+# policy's samples, and only then aggregated.
+
+ENSEMBLE_AGGREGATES = ("mean", "min", "uncertainty")
+
+
+def member_statistics(member_scores: Tensor) -> tuple[Tensor, Tensor]:
+    """[K] mean m_k and population std s_k (1/N) of each member's scores over N responses ([K, N]),
+    computed in float64: the statistics that standardise the members (`standardise_members`)."""
+    scores = member_scores.double()
+    return scores.mean(1), scores.std(1, correction=0)
+
+
+def standardise_members(member_scores: Tensor, means: Tensor, stds: Tensor, eps: float = 1e-8) -> Tensor:
+    """z_k = (r_k - m_k) / (s_k + eps) for [K, N] scores and [K] statistics: each member in units of
+    its own spread on the calibration responses, with its own Bradley-Terry constant removed."""
+    means, stds = means.to(member_scores).unsqueeze(1), stds.to(member_scores).unsqueeze(1)
+    return (member_scores - means) / (stds + eps)
+
+
+def aggregate_members(member_scores: Tensor, aggregate: str, uncertainty_coef: float = 0.0) -> Tensor:
+    """[N] one score per response from the members' [K, N] scores (Coste et al. 2023, sec. 3):
+
+        mean         1/K sum_k z_k
+        min          min_k z_k                                   (worst-case optimisation, WCO)
+        uncertainty  mean - lambda * std_k(z_k),  lambda = uncertainty_coef
+                     (uncertainty-weighted optimisation, UWO; sample std, K - 1, 0 for K = 1)
+    """
+    if aggregate == "mean":
+        return member_scores.mean(0)
+    if aggregate == "min":
+        return member_scores.min(0).values
+    if aggregate == "uncertainty":
+        mean, std = ensemble_mean_std(member_scores)
+        return mean - uncertainty_coef * std
+    raise ValueError(f"unknown ensemble aggregate {aggregate!r}; one of {ENSEMBLE_AGGREGATES}")
+
+
+def standardised_aggregate(member_scores: Tensor, means: Tensor, stds: Tensor, aggregate: str,
+                           uncertainty_coef: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """(aggregate, mean, std) [N] each of [K, N] raw member scores, aggregated on the standardised
+    members z_k = (r_k - m_k) / s_k and written back in the members' average units:
+
+        A = m_bar + s_bar * agg_k(z_k),   mean = m_bar + s_bar * mean_k(z_k),   std = s_bar * std_k(z_k)
+        m_bar = 1/K sum_k m_k,   s_bar = 1/K sum_k s_k
+
+    Why back in those units: the reward model's term then has about the size the plain mean has, so
+    `reward.weight` against the Python components means the same whatever the aggregate, and
+    A = mean - lambda * std holds between the three numbers the stages log. (With members of one
+    scale, s_k = s, `mean` is the raw members' mean, up to rounding.)"""
+    standard = standardise_members(member_scores, means, stds)
+    mean_z, std_z = ensemble_mean_std(standard)
+    level, scale = means.mean().to(standard), stds.mean().to(standard)
+    aggregated = aggregate_members(standard, aggregate, uncertainty_coef)
+    return level + scale * aggregated, level + scale * mean_z, scale * std_z

@@ -8,7 +8,10 @@ like any stage -- the policy export as `policy.init`, the reward model and/or re
                      its fresh LoRA adapter is the identity)
     step 2. score    the scorer's composite score in raw units (PPO's eval/reward; normalisation,
                      clipping and the EOS penalty shape a training signal and play no part in ranking);
-                     with an evaluator (the demo's hidden gold scorer) also the gold score
+                     with an evaluator (the demo's hidden gold scorer) also the gold score; an ensemble
+                     reward model's min or uncertainty aggregate standardises each member on all the
+                     draws first (all from the one policy sampled), and the table adds the
+                     members' mean and std of the chosen response (reward_model_mean, reward_model_std)
     step 3. curve    for each n: the unbiased estimates over every n-subset of the draws
                      (rl/best_of_n.py) of the chosen response's reward, gold score and length, its
                      win rate (gold) against one further draw, and the analytic KL log n - (n-1)/n
@@ -38,7 +41,7 @@ from lightrlhf.data.modules import PromptDataModule
 from lightrlhf.errors import UserError
 from lightrlhf.io import atomic_write_text
 from lightrlhf.models.actor_critic import ActorCritic
-from lightrlhf.rewards.scorer import Scorer
+from lightrlhf.rewards.scorer import MEMBERS_MEAN, SPREAD, Scorer
 from lightrlhf.rewards.spec import RewardSpec
 from lightrlhf.rl.best_of_n import best_of_n_kl, best_of_n_mean, best_of_n_win_rate
 from lightrlhf.rollouts.rollout import sample_responses
@@ -104,21 +107,31 @@ class BestOfN:
         """Steps 1 and 2: [P, N] scores (and gold), lengths, EOS flags and texts of N = n_max + 1 draws each."""
         draws = self.n_max + 1
         generator = torch.Generator().manual_seed(self.seed)
-        out: dict[str, list] = {"scores": [], "gold": [], "lengths": [], "eos": [], "texts": []}
+        out: dict[str, list] = {"scores": [], "gold": [], "lengths": [], "eos": [], "texts": [], MEMBERS_MEAN: [],
+                                SPREAD: []}
+        measured = []
         log.info("best-of-n: sampling %d responses for each of %d %s prompts", draws, len(prompts), self.split)
         for start in range(0, len(prompts), self.batch_size):
             chunk = prompts[start:start + self.batch_size]
             texts = [text for _, text, _ in chunk]
             responses = sample_responses(self.model, [ids for ids, _, _ in chunk], texts, [raw for _, _, raw in chunk],
                                          self.generation, generator, group_size=draws)
-            scores, _ = self.scorer.score(responses)
-            out["scores"].append(scores.view(len(chunk), draws))
+            measured.append(self.scorer.measure(responses))
             if self.evaluator is not None:
                 gold = self.evaluator(responses.prompts, responses.texts)
                 out["gold"].append(torch.tensor(gold, dtype=torch.float64).view(len(chunk), draws))
             out["lengths"].append(responses.lengths.view(len(chunk), draws))
             out["eos"].append(responses.ended_with_eos.float().view(len(chunk), draws))
             out["texts"].extend(responses.texts[i * draws:(i + 1) * draws] for i in range(len(chunk)))
+        # every draw comes from the one policy sampled here (it is not trained): an ensemble's min or uncertainty
+        # aggregate takes each member's units from all of them before combining (nothing to do for the mean)
+        self.scorer.calibrate_members(measured)
+        for batch in measured:
+            scores, components = self.scorer.combine(batch)
+            out["scores"].append(scores.view(-1, draws))
+            if SPREAD in components:  # an ensemble: its members' mean and spread, beside the aggregate ranked by
+                out[MEMBERS_MEAN].append(components.get(MEMBERS_MEAN, components["reward_model"]).view(-1, draws))
+                out[SPREAD].append(components[SPREAD].view(-1, draws))
         return {k: (torch.cat(v) if k != "texts" and v else v) for k, v in out.items()}
 
     def curve(self, draws: dict[str, Any]) -> list[dict[str, float]]:
@@ -133,6 +146,9 @@ class BestOfN:
             row["kl"] = best_of_n_kl(n)
             row["length_mean"] = best_of_n_mean(scores, draws["lengths"], n).mean().item()
             row["frac_ended_with_eos"] = best_of_n_mean(scores, draws["eos"], n).mean().item()
+            for name in (MEMBERS_MEAN, SPREAD):  # an ensemble reward model's mean and std of the chosen response
+                if len(draws[name]):
+                    row[name] = best_of_n_mean(scores, draws[name], n).mean().item()
             rows.append(row)
         return rows
 

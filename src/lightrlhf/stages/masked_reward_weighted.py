@@ -278,15 +278,14 @@ class MaskedRewardWeightedStage(StageModule):
         dm = self.datamodule
         features = dm.train_set.items[: max(1, self.scorer.spec.normalize.init_rollouts) * dm.batch_size]
         generator = torch.Generator().manual_seed(self.eval_spec.seed + 1)
-        scores = []
+        measured = []
         for rows in chunks(len(features), dm.batch_size):
             chunk = features[rows]
             infills = self.sample([f.prompt_ids for f in chunk], [f.prompt_text for f in chunk],
                                   [dm.train_examples[f.index].prompt for f in chunk], self.weighting.group_size,
                                   generator)
-            scores.append(self.scorer.score(infills)[0])
-        scores_all = torch.cat(scores)
-        self.scorer.calibrate(scores_all)
+            measured.append(self.scorer.measure(infills))
+        scores_all = self.scorer.calibrate_initial(measured)  # an ensemble's members' units, then the score's
         log.info("start model over %d infills: score %.3f +- %.3f", len(scores_all), scores_all.mean().item(),
                  scores_all.std().item())
 
@@ -382,4 +381,6 @@ def reward_model_of(reward: RewardSpec):
 
     reward_manifest(reward.path, key="reward.path")
     model = RewardModel.from_pretrained(reward.path)
+    if model.ensemble_size > 1 and reward.ensemble.standardises:  # every member's: min or uncertainty combines them
+        return lambda samples: model.member_scores(samples.raw_prompts, samples.texts)
     return lambda samples: model.score(samples.raw_prompts, samples.texts)

@@ -84,22 +84,21 @@ class OnlineStage(StageModule):
     @torch.no_grad()
     def measure_baseline(self) -> None:
         """Sample the initial policy (= SFT: the adapter starts at zero) on the first training prompts, as
-        `normalize.init_rollouts` rollout batches: its scores set the normaliser, its length and EOS rate
-        the tripwires' baseline."""
+        `normalize.init_rollouts` rollout batches: its scores set the normaliser (and, for an ensemble's
+        min or uncertainty aggregate, each member's units first), its length and EOS rate the tripwires' baseline."""
         dm = self.datamodule
         features = dm.train_set.items[: max(1, self.scorer.spec.normalize.init_rollouts) * dm.batch_size]
         generator = torch.Generator().manual_seed(self.eval_spec.seed + 1)
-        scores, lengths, eos = [], [], []
+        measured, lengths, eos = [], [], []
         for rows in chunks(len(features), dm.batch_size):
             chunk = features[rows]
             responses = sample_responses(self.model, [f.prompt_ids for f in chunk], [f.prompt_text for f in chunk],
                                          [dm.train_examples[f.index].prompt for f in chunk], self.generation,
                                          generator, group_size=self.rollout_group_size)
-            scores.append(self.scorer.score(responses)[0])
+            measured.append(self.scorer.measure(responses))
             lengths.append(responses.lengths)
             eos.append(responses.ended_with_eos.float())
-        scores_all = torch.cat(scores)
-        self.scorer.calibrate(scores_all)
+        scores_all = self.scorer.calibrate_initial(measured)  # an ensemble's members' units, then the score's
         baseline = {"score_mean": scores_all.mean().item(), "score_std": scores_all.std().item(),
                     "length_mean": torch.cat(lengths).mean().item(), "frac_ended_with_eos": torch.cat(eos).mean().item()}
         self.tripwires.baseline = baseline
