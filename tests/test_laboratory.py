@@ -21,9 +21,11 @@ def experiment(**kw) -> Overoptimisation:
 def test_each_seed_gets_a_proxy_and_every_optimiser_uses_it():
     steps = experiment().steps()
     names = [s.name for s in steps]
-    assert names == ["sft", "rm_s0", "bon_s0", "ppo_kl0_s0", "ppo_kl0p05_s0", "rm_s1", "bon_s1", "ppo_kl0_s1",
-                     "ppo_kl0p05_s1"]
+    assert names == ["sft", "rm_s0", "rm_s1", "ppo_kl0_s0", "ppo_kl0p05_s0", "ppo_kl0_s1", "ppo_kl0p05_s1",
+                     "bon_s0", "bon_s1"]
     by_name = {s.name: s for s in steps}
+    # the optimisations run beside each other; the proxies they read are finished before them
+    assert [s.name for s in steps if s.concurrent] == names[3:]
     assert "model.name_or_path={sft}/export" in by_name["rm_s1"].overrides
     for name in ("bon_s1", "ppo_kl0_s1", "ppo_kl0p05_s1"):
         assert "reward.path={rm_s1}/export" in by_name[name].overrides
@@ -98,3 +100,25 @@ def test_a_missing_step_leaves_its_curve_out_instead_of_failing(tmp_path):
     lines = experiment(seeds=[0], kl_coefs=[0.0]).report(tmp_path, {})
     assert json.loads((tmp_path / "overoptimisation.json").read_text())["curves"] == []
     assert "ppo_kl0: gold peaked and fell while the proxy rose in 0/1 seeds" in lines
+
+
+def test_the_pipeline_runs_the_concurrent_steps_as_processes_and_checks_they_read_no_other(tmp_path):
+    from lightrlhf.errors import ConfigError
+    from lightrlhf.launch.loops import LoopStep
+    from lightrlhf.launch.pipeline import PipelineSpec, Step
+
+    node = {"loop": {"_target_": "lightrlhf.launch.laboratory.Overoptimisation", "seeds": [0], "kl_coefs": [0.0],
+                     "sft": ["stage=sft"], "rm": ["stage=rm"], "best_of_n": ["stage=best_of_n"], "ppo": ["stage=ppo"]},
+            "parallel": 2}
+    spec = PipelineSpec.from_config(node)
+    assert [s.name for s in spec.steps if s.runs_beside] == ["ppo_kl0_s0", "bon_s0"]
+    assert spec.parallel == 2
+
+    class Reading:  # a loop whose concurrent step reads another concurrent step's directory
+        def steps(self):
+            return [LoopStep("a", ["stage=sft"], "a", concurrent=True),
+                    LoopStep("b", ["model.name_or_path={a}/export"], "b", concurrent=True)]
+
+    with pytest.raises(ConfigError, match="cannot use the directory"):
+        PipelineSpec._checked([Step(s.name, s.overrides, s.group, None, s.fixed, s.concurrent)
+                               for s in Reading().steps()], node, Reading())

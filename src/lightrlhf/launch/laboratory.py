@@ -20,7 +20,7 @@ whether the proxy was still rising past gold's peak -- over-optimisation is gold
 while the proxy keeps rising.
 
 Everything that makes the conditions of an experiment is an override of the steps: `annotator=noisy`
-(25% of labels flipped) changes the data the proxy learns from, `pipeline.extra.rm=[stage.ensemble=5]`
+(25% of labels flipped) changes the data the proxy learns from, `pipeline.extra.rm='["stage.ensemble=5"]'`
 with `reward.ensemble.aggregate=min` (worst-case, WCO) or `uncertainty` (mean - lambda std, UWO)
 changes the proxy (Coste et al. 2023), so the same report compares them.
 """
@@ -138,14 +138,17 @@ class Overoptimisation:
         return ["best_of_n"] + [f"ppo_kl{kl_tag(c)}" for c in self.kl_coefs]
 
     def steps(self) -> list[LoopStep]:
+        """SFT, every seed's proxy, then the optimisations: those read only SFT and their proxy, so they
+        may run beside each other (`pipeline.parallel`), the longest (PPO) first."""
         steps = [LoopStep("sft", list(self.sft), "sft")]
+        steps += [LoopStep(f"rm_s{s}", list(self.rm) + ["model.name_or_path={sft}/export"], "rm", (f"seed={s}",))
+                  for s in self.seeds]
         for s in self.seeds:
-            seed, proxy = (f"seed={s}",), f"rm_s{s}"
-            wiring = ["policy.init={sft}/export", f"reward.path={{{proxy}}}/export"]
-            steps += [LoopStep(proxy, list(self.rm) + ["model.name_or_path={sft}/export"], "rm", seed),
-                      LoopStep(f"bon_s{s}", list(self.best_of_n) + wiring, "best_of_n", seed)]
-            steps += [LoopStep(f"ppo_kl{kl_tag(c)}_s{s}", list(self.ppo) + wiring + [f"stage.kl.coef={c}"], "ppo", seed)
-                      for c in self.kl_coefs]
+            wiring = ["policy.init={sft}/export", f"reward.path={{rm_s{s}}}/export"]
+            steps += [LoopStep(f"ppo_kl{kl_tag(c)}_s{s}", list(self.ppo) + wiring + [f"stage.kl.coef={c}"], "ppo",
+                               (f"seed={s}",), concurrent=True) for c in self.kl_coefs]
+        steps += [LoopStep(f"bon_s{s}", list(self.best_of_n) + ["policy.init={sft}/export", f"reward.path={{rm_s{s}}}/export"],
+                           "best_of_n", (f"seed={s}",), concurrent=True) for s in self.seeds]
         return steps
 
     def curves(self, run_dir: Path, results: dict[str, dict[str, Any]]) -> list[Curve]:

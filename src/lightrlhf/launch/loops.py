@@ -80,6 +80,9 @@ class LoopStep:
     overrides: list[str]
     group: str
     fixed: tuple[str, ...] = ()
+    # may run beside the other concurrent steps, each in its own process (pipeline.parallel > 1); it
+    # must not read another concurrent step's directory (the pipeline checks)
+    concurrent: bool = False
 
 
 def _count(value: Any) -> int | None:

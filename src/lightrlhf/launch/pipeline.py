@@ -60,6 +60,12 @@ class Step:
     group: str = ""  # a seeded step's name in the config (`dpo` for `dpo_seed1`); else its own name
     seed: int | None = None
     fixed: tuple[str, ...] = ()  # overrides that win over the command line's (a loop's seed per chain)
+    concurrent: bool = False  # a loop's step that may run beside the others like it (pipeline.parallel)
+
+    @property
+    def runs_beside(self) -> bool:
+        """May run at once with the other such steps: a seeded step, or a loop's concurrent one."""
+        return self.seed is not None or self.concurrent
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,7 @@ class PipelineSpec:
             from lightrlhf.launch.build import build
 
             loop = build(node["loop"], "pipeline.loop")
-            steps = [Step(s.name, list(s.overrides), s.group, None, tuple(s.fixed)) for s in loop.steps()]
+            steps = [Step(s.name, list(s.overrides), s.group, None, tuple(s.fixed), s.concurrent) for s in loop.steps()]
             return cls._checked(steps, node, loop)
         if not node or not node.get("steps"):
             raise ConfigError("pipeline.steps", "stage=pipeline needs a list of steps (see experiment=demo)")
@@ -104,10 +110,10 @@ class PipelineSpec:
         unknown = sorted(set(extra) - {s.group for s in steps})
         if unknown:
             raise ConfigError(f"pipeline.extra.{unknown[0]}", f"no step of that name (steps: {', '.join(names)})")
-        seeded = [s.name for s in steps if s.seed is not None]
+        beside = [s.name for s in steps if s.runs_beside]
         for i, step in enumerate(steps):  # seeded steps may run at once: none may read another's directory
-            used = [n for n in seeded if "{" + n + "}" in " ".join(step.overrides)]
-            if step.seed is not None and used:
+            used = [n for n in beside if "{" + n + "}" in " ".join(step.overrides)]
+            if step.runs_beside and used:
                 raise ConfigError(f"pipeline.steps.{step.group}", f"a seeded step cannot use the directory of "
                                                                   f"another seeded step ({{{used[0]}}})")
         parallel = node.get("parallel", 1)
@@ -150,7 +156,7 @@ def _run_steps(spec: PipelineSpec, cfg: DictConfig, run_dir: Path, task_override
                 continue
             resuming = (step_dir / RUN_RECORD).exists()
             step_cfg, overrides, step_choices = compose_step(step, spec, run_dir, global_overrides, groups, config_name)
-            if processes is not None and step.seed is not None:  # beside the other seeded steps
+            if processes is not None and step.runs_beside:  # beside the other seeded steps
                 processes.start(step.name, step_dir, overrides, resuming)
                 continue
             if processes is not None:  # an unseeded step may read what the seeded ones before it wrote
