@@ -218,15 +218,14 @@ def _agreement(rows: list[tuple[str, str, str]]) -> float:
     return sum(gold_score(p, c) > gold_score(p, r) for p, c, r in rows) / len(rows) if rows else float("nan")
 
 
-def markdown_table(stats: list[PersonaStats], held_out: int, pairs: int) -> str:
+def persona_table(stats: list[PersonaStats], held_out: int, pairs: int) -> str:
+    from lightrlhf.training.reporting import markdown_table
+
     head = ["persona", f"gold agreement, held-out ({held_out})", f"gold agreement, random pairs ({pairs})",
             "ties", "first shown chosen", "words chosen - rejected"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-    for s in stats:
-        cells = [f"`{s.name}`", f"{s.held_out_agreement:.1%}", f"{s.random_agreement:.1%}", f"{s.tie_rate:.1%}",
-                 f"{s.first_chosen:.1%}", f"{s.length_difference:+.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(head, [[f"`{s.name}`", f"{s.held_out_agreement:.1%}", f"{s.random_agreement:.1%}",
+                                  f"{s.tie_rate:.1%}", f"{s.first_chosen:.1%}", f"{s.length_difference:+.2f}"]
+                                 for s in stats])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -253,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         exit_for_user_error(error)
     pairs = random_pairs(args.pairs)
     stats = [persona_stats(name, annotator, pairs, args.held_out) for name, annotator in personas.items()]
-    print(markdown_table(stats, args.held_out, args.pairs))
+    print(persona_table(stats, args.held_out, args.pairs))
 
 
 if __name__ == "__main__":
