@@ -122,3 +122,16 @@ def test_the_pipeline_runs_the_concurrent_steps_as_processes_and_checks_they_rea
     with pytest.raises(ConfigError, match="cannot use the directory"):
         PipelineSpec._checked([Step(s.name, s.overrides, s.group, None, s.fixed, s.concurrent)
                                for s in Reading().steps()], node, Reading())
+
+
+def test_an_ensemble_proxy_and_its_aggregate_reach_the_steps_that_need_them():
+    steps = {s.name: s for s in experiment(seeds=[0], ensemble=5, aggregate="min").steps()}
+    assert "stage.ensemble=5" in steps["rm_s0"].overrides
+    for name in ("bon_s0", "ppo_kl0_s0"):
+        assert "reward.ensemble.aggregate=min" in steps[name].overrides
+    plain = {s.name: s for s in experiment(seeds=[0]).steps()}
+    assert not any("ensemble" in o for s in plain.values() for o in s.overrides)  # the defaults add nothing
+    with pytest.raises(ConfigValueError, match="aggregate"):
+        experiment(aggregate="min")  # a single reward model has no members to take the minimum of
+    with pytest.raises(ConfigValueError, match="aggregate"):
+        experiment(ensemble=3, aggregate="median")

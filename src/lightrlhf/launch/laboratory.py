@@ -19,10 +19,10 @@ fits R(d) = d (alpha - beta d) to best-of-n and R(d) = d (alpha - beta log d) to
 whether the proxy was still rising past gold's peak -- over-optimisation is gold peaking and falling
 while the proxy keeps rising.
 
-Everything that makes the conditions of an experiment is an override of the steps: `annotator=noisy`
-(25% of labels flipped) changes the data the proxy learns from, `pipeline.extra.rm='["stage.ensemble=5"]'`
-with `reward.ensemble.aggregate=min` (worst-case, WCO) or `uncertainty` (mean - lambda std, UWO)
-changes the proxy (Coste et al. 2023), so the same report compares them.
+The conditions of an experiment are overrides: `annotator=noisy` (25% of labels flipped) changes the
+data the proxy learns from; `pipeline.loop.ensemble=5` makes the proxy a 5-member ensemble and
+`pipeline.loop.aggregate=min` (worst case, WCO) or `uncertainty` (mean - lambda std, UWO) what the
+optimisers maximise of it (Coste et al. 2023); so one report format compares them all.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ from typing import Any
 
 from lightrlhf.io import atomic_write_text
 from lightrlhf.launch.loops import LoopStep, _fmt, _table
+from lightrlhf.rl.ensemble import ENSEMBLE_AGGREGATES
 from lightrlhf.rl.overoptimisation import Fit, distance, fit, peak_of
-from lightrlhf.validation import require
+from lightrlhf.validation import one_of, positive, require
 
 OVEROPT_TABLE, OVEROPT_POINTS, OVEROPT_PLOT = "overoptimisation.md", "overoptimisation.json", "overoptimisation.png"
 GOLD, PROXY, KL = "eval/gold_score", "eval/reward", "eval/kl"
@@ -125,8 +126,14 @@ class Overoptimisation:
     rm: list[str]
     best_of_n: list[str]
     ppo: list[str]
+    ensemble: int = 1  # members of the proxy (stage.ensemble of its rm step); 1 = one reward model
+    aggregate: str = "mean"  # what best-of-n and PPO maximise of an ensemble proxy (reward.ensemble.aggregate)
 
     def __post_init__(self) -> None:
+        positive("ensemble", self.ensemble)
+        one_of("aggregate", self.aggregate, ENSEMBLE_AGGREGATES)
+        require(self.aggregate == "mean" or self.ensemble > 1, "aggregate",
+                f"{self.aggregate!r} combines the members of an ensemble proxy: set ensemble >= 2")
         require(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds), "seeds",
                 f"must be distinct integers, got {self.seeds}")
         require(len({kl_tag(c) for c in self.kl_coefs}) == len(self.kl_coefs), "kl_coefs",
@@ -141,13 +148,16 @@ class Overoptimisation:
         """SFT, every seed's proxy, then the optimisations: those read only SFT and their proxy, so they
         may run beside each other (`pipeline.parallel`), the longest (PPO) first."""
         steps = [LoopStep("sft", list(self.sft), "sft")]
-        steps += [LoopStep(f"rm_s{s}", list(self.rm) + ["model.name_or_path={sft}/export"], "rm", (f"seed={s}",))
-                  for s in self.seeds]
+        proxy = list(self.rm) + ["model.name_or_path={sft}/export"] + (
+            [f"stage.ensemble={self.ensemble}"] if self.ensemble > 1 else [])
+        steps += [LoopStep(f"rm_s{s}", proxy, "rm", (f"seed={s}",)) for s in self.seeds]
+        aggregate = [f"reward.ensemble.aggregate={self.aggregate}"] if self.aggregate != "mean" else []
         for s in self.seeds:
-            wiring = ["policy.init={sft}/export", f"reward.path={{rm_s{s}}}/export"]
+            wiring = ["policy.init={sft}/export", f"reward.path={{rm_s{s}}}/export"] + aggregate
             steps += [LoopStep(f"ppo_kl{kl_tag(c)}_s{s}", list(self.ppo) + wiring + [f"stage.kl.coef={c}"], "ppo",
                                (f"seed={s}",), concurrent=True) for c in self.kl_coefs]
-        steps += [LoopStep(f"bon_s{s}", list(self.best_of_n) + ["policy.init={sft}/export", f"reward.path={{rm_s{s}}}/export"],
+        steps += [LoopStep(f"bon_s{s}", list(self.best_of_n) + ["policy.init={sft}/export",
+                                                                 f"reward.path={{rm_s{s}}}/export"] + aggregate,
                            "best_of_n", (f"seed={s}",), concurrent=True) for s in self.seeds]
         return steps
 
