@@ -223,21 +223,23 @@ class Overoptimisation:
 
 
 def plot_curves(curves: list[Curve], out: Path) -> None:
-    """Gold (solid) and proxy (dashed) gain against d, one panel per method, one colour per seed."""
+    """Gold gain (solid, left axis) and proxy gain (dashed, right axis: reward-model units, often ten
+    times gold's) against d, one panel per method, one colour per seed; the gold fit dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     methods = list(dict.fromkeys(c.method for c in curves))
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.8), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.6 * len(methods), 3.9), dpi=110, squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     seeds = sorted({c.seed for c in curves})
-    for ax, method in zip(axes[0], methods):
+    proxy_axes = [ax.twinx() for ax in axes[0]]
+    for ax, proxy_ax, method in zip(axes[0], proxy_axes, methods):
         for curve in (c for c in curves if c.method == method):
             colour = colours[seeds.index(curve.seed) % len(colours)]
             ax.plot(curve.d, curve.gold, "-o", color=colour, ms=3, label=f"gold, seed {curve.seed}")
-            ax.plot(curve.d, curve.proxy, "--", color=colour, alpha=0.6, label=f"proxy, seed {curve.seed}")
+            proxy_ax.plot(curve.d, curve.proxy, "--", color=colour, alpha=0.5, label=f"proxy, seed {curve.seed}")
             gold_fit = fits_of(curve)["gold"]
             if gold_fit is not None:
                 grid = [max(curve.d) * i / 60 for i in range(61)]
@@ -245,8 +247,10 @@ def plot_curves(curves: list[Curve], out: Path) -> None:
         ax.axhline(0.0, color="grey", lw=0.5)
         ax.set_title(method.replace("_", " "))
         ax.set_xlabel("d = sqrt(KL to SFT)")
-        ax.set_ylabel("gain over SFT (gold solid, proxy dashed, fit dotted)")
-    axes[0][0].legend(fontsize=6)
+        ax.set_ylabel("gold gain over SFT (solid; fit dotted)")
+        proxy_ax.set_ylabel("proxy gain over SFT (dashed)")
+    handles = axes[0][0].get_legend_handles_labels()[0] + proxy_axes[0].get_legend_handles_labels()[0]
+    axes[0][0].legend(handles=handles, fontsize=6, loc="lower right")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
