@@ -1,5 +1,5 @@
 """experiment=overoptimisation as written out and reported by launch/laboratory.py, on made-up curves
-(the steps themselves are run by test_overoptimisation_run in the slow suite)."""
+(the steps themselves run, tiny, in the slow test at the end)."""
 
 from __future__ import annotations
 
@@ -72,8 +72,25 @@ def test_ppo_curves_come_back_from_tensorboard_as_gains_against_sqrt_kl(tmp_path
     assert curve.gold == pytest.approx([0.0, 0.4, 0.61, 0.3])
     assert curve.proxy == pytest.approx([0.0, 2.0, 4.0, 6.0])
     summary = curve.summary()
-    assert summary["gold_peak_at"] == "rollout 20" and summary["gold_drop"] == pytest.approx(0.31)
+    # Lightning logs the evaluation after r rollouts at step r - 1
+    assert summary["gold_peak_at"] == "rollout 21" and summary["gold_drop"] == pytest.approx(0.31)
     assert summary["overoptimised"]
+
+
+def test_an_evaluation_after_every_rollout_shares_step_0_with_the_initial_one(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    for step, gold, proxy, kl in [(0, 0.5, 0.0, 0.0), (0, 0.7, 1.0, 0.25), (1, 0.9, 2.0, 1.0)]:
+        writer.add_scalar("eval/gold_score", gold, step)
+        writer.add_scalar("eval/reward", proxy, step)
+        writer.add_scalar("eval/kl", kl, step)
+    writer.close()
+    initial = {"eval/gold_score_initial": 0.5, "eval/reward_initial": 0.0, "eval/kl_initial": 0.0}
+    for record in (initial, None):  # from metrics.json, or (no record) step 0's first value
+        curve = ppo_curve(tmp_path, "ppo_kl0", 0, record)
+        assert curve.labels == ["start", "rollout 1", "rollout 2"]
+        assert curve.d == pytest.approx([0.0, 0.5, 1.0]) and curve.gold == pytest.approx([0.0, 0.2, 0.4])
 
 
 def test_the_report_fits_both_forms_and_counts_seeds_where_gold_fell_while_the_proxy_rose(tmp_path):
@@ -94,6 +111,8 @@ def test_the_report_fits_both_forms_and_counts_seeds_where_gold_fell_while_the_p
     assert (tmp_path / "overoptimisation.md").read_text().count("\n| ") >= 3
     written = read_scalar_curves(tmp_path / "tb", ("overoptimisation/ppo_kl0/seed0/gold",))
     assert [s for s, _ in written["overoptimisation/ppo_kl0/seed0/gold"]] == [0, 1000, 2000, 3000]
+    ppo = next(c for c in report["curves"] if c["method"] == "ppo_kl0")
+    assert ppo["points"] == ["start", "rollout 11", "rollout 21", "rollout 31"]
 
 
 def test_a_missing_step_leaves_its_curve_out_instead_of_failing(tmp_path):
@@ -135,3 +154,27 @@ def test_an_ensemble_proxy_and_its_aggregate_reach_the_steps_that_need_them():
         experiment(aggregate="min")  # a single reward model has no members to take the minimum of
     with pytest.raises(ConfigValueError, match="aggregate"):
         experiment(ensemble=3, aggregate="median")
+
+
+@pytest.mark.slow
+def test_overoptimisation_run_end_to_end_with_tiny_steps(tmp_path):
+    from conftest import train_cli
+
+    run_dir = tmp_path / "lab"
+    done = train_cli([
+        "experiment=overoptimisation", "pipeline.loop.seeds=[0]", "pipeline.loop.kl_coefs=[0.0]",
+        "pipeline.extra.sft=['trainer.max_steps=4','trainer.val_check_interval=4','stage.eval.num_prompts=8']",
+        "pipeline.extra.rm=['trainer.max_steps=3','trainer.val_check_interval=3','stage.datamodule.batch_size=8']",
+        "pipeline.extra.best_of_n=['stage.n_max=4','stage.num_prompts=4','stage.generation.max_new_tokens=8']",
+        "pipeline.extra.ppo=['stage.rollouts=3','trainer.val_check_interval=1','stage.eval.num_prompts=8',"
+        "'stage.datamodule.batch_size=8','reward.normalize.init_rollouts=1','stage.generation.max_new_tokens=8']",
+        f"hydra.run.dir={run_dir}"], timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((run_dir / "overoptimisation.json").read_text())
+    methods = {c["method"]: c for c in report["curves"]}
+    assert set(methods) == {"best_of_n", "ppo_kl0"}
+    assert [p for p in methods["best_of_n"]["points"]] == ["n=1", "n=2", "n=4"]
+    assert methods["ppo_kl0"]["points"] == ["start", "rollout 1", "rollout 2", "rollout 3"]
+    assert methods["ppo_kl0"]["d"][0] == 0.0 and methods["ppo_kl0"]["gold_gain"][0] == 0.0
+    assert (run_dir / "overoptimisation.png").stat().st_size > 10_000
+    assert "gold peaked and fell while the proxy rose" in (run_dir / "overoptimisation.md").read_text()

@@ -49,21 +49,32 @@ def kl_tag(coef: float) -> str:
     return f"{coef:g}".replace(".", "p").replace("-", "m")
 
 
-def read_scalar_curves(tb_dir: Path, tags: tuple[str, ...]) -> dict[str, list[tuple[int, float]]]:
-    """Each tag's (step, value) points from every event file of a run (a resumed run has several; a
-    step written twice keeps its last value), in order of step."""
+def read_scalar_events(tb_dir: Path, tags: tuple[str, ...]) -> dict[str, dict[int, list[float]]]:
+    """Each tag's values at each step, in the order they were written, from every event file of a run
+    (a resumed run has several, read oldest first)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    curves: dict[str, dict[int, float]] = {tag: {} for tag in tags}
-    for path in sorted(glob.glob(str(tb_dir / "**" / "events.out.tfevents.*"), recursive=True)):
+    events_of: dict[str, list[tuple[float, int, float]]] = {tag: [] for tag in tags}
+    for path in glob.glob(str(tb_dir / "**" / "events.out.tfevents.*"), recursive=True):
         events = EventAccumulator(path, size_guidance={"scalars": 0})
         events.Reload()
         available = set(events.Tags().get("scalars", []))
         for tag in tags:
             if tag in available:
-                for event in events.Scalars(tag):
-                    curves[tag][int(event.step)] = float(event.value)
-    return {tag: sorted(points.items()) for tag, points in curves.items()}
+                events_of[tag] += [(e.wall_time, int(e.step), float(e.value)) for e in events.Scalars(tag)]
+    out: dict[str, dict[int, list[float]]] = {}
+    for tag, events in events_of.items():
+        out[tag] = {}
+        for _, step, value in sorted(events, key=lambda e: e[0]):
+            out[tag].setdefault(step, []).append(value)
+    return out
+
+
+def read_scalar_curves(tb_dir: Path, tags: tuple[str, ...]) -> dict[str, list[tuple[int, float]]]:
+    """Each tag's (step, value) points in order of step; a step written twice (a resumed run) keeps its
+    last value."""
+    return {tag: sorted((step, values[-1]) for step, values in steps.items())
+            for tag, steps in read_scalar_events(tb_dir, tags).items()}
 
 
 @dataclass(frozen=True)
@@ -95,14 +106,28 @@ def best_of_n_curve(record: dict[str, Any], seed: int, gold_name: str = "gold_sc
                  [r["reward"] - base["reward"] for r in rows], [f"n={r['n']}" for r in rows])
 
 
-def ppo_curve(step_dir: Path, method: str, seed: int) -> Curve | None:
-    curves = read_scalar_curves(step_dir / "tb", (GOLD, PROXY, KL))
-    steps = sorted(set.intersection(*(set(s for s, _ in curves[tag]) for tag in (GOLD, PROXY, KL))))
-    if len(steps) < 2 or steps[0] != 0:
+def ppo_curve(step_dir: Path, method: str, seed: int, initial: dict[str, Any] | None = None) -> Curve | None:
+    """The run's evaluations in order: the initial policy (`initial`: its metrics.json `eval/*_initial`,
+    KL exactly 0), then each evaluation after r rollouts, which Lightning logs at step r - 1.
+
+    detail: the initial evaluation is logged at step 0 too, so with an evaluation after every rollout
+    step 0 holds two values, the initial one first; the initial point is taken from `initial` and
+    step 0's later value, when there is one, is the evaluation after the first rollout."""
+    events = read_scalar_events(step_dir / "tb", (GOLD, PROXY, KL))
+    start = {tag: (initial or {}).get(f"{tag}_initial") for tag in (GOLD, PROXY, KL)}
+    if any(v is None for v in start.values()):  # no record: the first value at step 0 is the initial one
+        if not all(0 in events[tag] for tag in (GOLD, PROXY, KL)):
+            return None
+        start = {tag: events[tag][0][0] for tag in (GOLD, PROXY, KL)}
+    after = {tag: {step: values[-1] for step, values in events[tag].items() if step > 0 or len(values) > 1}
+             for tag in (GOLD, PROXY, KL)}
+    steps = sorted(set.intersection(*(set(after[tag]) for tag in (GOLD, PROXY, KL))))
+    if not steps:
         return None
-    value = {tag: dict(curves[tag]) for tag in (GOLD, PROXY, KL)}
-    return Curve(method, seed, [distance(value[KL][s]) for s in steps], [value[GOLD][s] - value[GOLD][0] for s in steps],
-                 [value[PROXY][s] - value[PROXY][0] for s in steps], [f"rollout {s}" for s in steps])
+    d = [0.0] + [distance(after[KL][s]) for s in steps]
+    gold = [0.0] + [after[GOLD][s] - start[GOLD] for s in steps]
+    proxy = [0.0] + [after[PROXY][s] - start[PROXY] for s in steps]
+    return Curve(method, seed, d, gold, proxy, ["start"] + [f"rollout {s + 1}" for s in steps])
 
 
 def fits_of(curve: Curve) -> dict[str, Fit | None]:
@@ -167,8 +192,8 @@ class Overoptimisation:
             bon = best_of_n_curve(results.get(f"bon_s{s}") or {}, s)
             found += [bon] if bon is not None else []
             for c in self.kl_coefs:
-                method = f"ppo_kl{kl_tag(c)}"
-                curve = ppo_curve(run_dir / f"{method}_s{s}", method, s)
+                method, step = f"ppo_kl{kl_tag(c)}", f"ppo_kl{kl_tag(c)}_s{s}"
+                curve = ppo_curve(run_dir / step, method, s, (results.get(step) or {}).get("metrics"))
                 found += [curve] if curve is not None else []
         return found
 
