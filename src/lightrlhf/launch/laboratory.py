@@ -177,13 +177,15 @@ class Overoptimisation:
             [f"stage.ensemble={self.ensemble}"] if self.ensemble > 1 else [])
         steps += [LoopStep(f"rm_s{s}", proxy, "rm", (f"seed={s}",)) for s in self.seeds]
         aggregate = [f"reward.ensemble.aggregate={self.aggregate}"] if self.aggregate != "mean" else []
+
+        def wiring(s: int) -> list[str]:  # what every optimisation of seed s starts from and scores with
+            return ["policy.init={sft}/export", f"reward.path={{rm_s{s}}}/export"] + aggregate
+
         for s in self.seeds:
-            wiring = ["policy.init={sft}/export", f"reward.path={{rm_s{s}}}/export"] + aggregate
-            steps += [LoopStep(f"ppo_kl{kl_tag(c)}_s{s}", list(self.ppo) + wiring + [f"stage.kl.coef={c}"], "ppo",
+            steps += [LoopStep(f"ppo_kl{kl_tag(c)}_s{s}", list(self.ppo) + wiring(s) + [f"stage.kl.coef={c}"], "ppo",
                                (f"seed={s}",), concurrent=True) for c in self.kl_coefs]
-        steps += [LoopStep(f"bon_s{s}", list(self.best_of_n) + ["policy.init={sft}/export",
-                                                                 f"reward.path={{rm_s{s}}}/export"] + aggregate,
-                           "best_of_n", (f"seed={s}",), concurrent=True) for s in self.seeds]
+        steps += [LoopStep(f"bon_s{s}", list(self.best_of_n) + wiring(s), "best_of_n", (f"seed={s}",), concurrent=True)
+                  for s in self.seeds]
         return steps
 
     def curves(self, run_dir: Path, results: dict[str, dict[str, Any]]) -> list[Curve]:

@@ -65,6 +65,7 @@ from typing import Any
 
 from lightrlhf.io import atomic_write_text
 from lightrlhf.rl.selection import RULES
+from lightrlhf.training.reporting import markdown_table
 from lightrlhf.validation import positive, require
 
 ROUNDS_TABLE, ROUNDS_POINTS = "rounds.md", "rounds.json"
@@ -107,8 +108,8 @@ def _weighted_mean(pairs: list[tuple[Any, int]]) -> float | None:
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
-        "| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    """The reports' markdown table as lines; a missing value shows as "-"."""
+    return markdown_table(header, [[_fmt(v) for v in row] for row in rows]).splitlines()
 
 
 @dataclass(frozen=True)
