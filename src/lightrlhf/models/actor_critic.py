@@ -63,9 +63,18 @@ POLICY, VALUE, REWARD = "policy", "value", "reward"
 
 @dataclass(frozen=True)
 class PolicySpec:
-    """`policy.init`: the SFT export (or any causal-LM directory) PPO starts from and stays close to."""
+    """`policy.init`: the SFT export (or any causal-LM directory) PPO starts from and stays close to.
+
+    `policy.adapt_head`: the policy adapter also adapts the output head (a LoRA on `lm_head`), which
+    peft's "all-linear" leaves out. Below the head, LoRA can only move the hidden state; tokens that
+    were interchangeable in pretraining (the demo's polite and rude words fill the same slots) keep
+    near-identical output embeddings, so no hidden state favours one over the other. Measured on the
+    demo (PPO, 100 rollouts, beta 0.05): without it held-out gold stops at 1.26 -- also when PPO
+    optimises the gold score itself -- and the policy never learns courtesy; with it gold reaches 1.65.
+    """
 
     init: str | None = None
+    adapt_head: bool = False
 
 
 @dataclass(frozen=True)
@@ -226,7 +235,7 @@ def load_actor_critic(spec: ModelSpec, tokenizer, policy: PolicySpec, reward, va
     if lora is None:
         raise UserError("config model.lora: this stage trains a LoRA policy adapter on a shared frozen base (the "
                         "reference is that base); model.lora=null (full fine-tuning) is not supported by it")
-    module = get_peft_model(base, lora, adapter_name=POLICY)
+    module = get_peft_model(base, with_output_head(lora, base) if policy.adapt_head else lora, adapter_name=POLICY)
     reward_heads, separate, members = [], None, []
     if reward is not None and reward.path is not None:
         meta = _reward_manifest(reward.path)
@@ -261,6 +270,22 @@ def load_actor_critic(spec: ModelSpec, tokenizer, policy: PolicySpec, reward, va
     module.set_adapter(POLICY)
     module.base_model.model.config.use_cache = False
     return ActorCritic(module, value_head, reward_heads, tokenizer, identity, separate)
+
+
+def with_output_head(lora, base: nn.Module):
+    """`lora` (a peft LoraConfig) with the model's output head among its targets. "all-linear" is
+    spelled out as the names of the linear layers, which then include the head."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = base.get_output_embeddings()
+    head_name = next(name for name, module in base.named_modules() if module is head)
+    if isinstance(lora.target_modules, str):
+        if lora.target_modules != "all-linear":  # a regular expression: the head as an alternative
+            return replace(lora, target_modules=f"(?:{lora.target_modules})|(?:{head_name})")
+        targets = {name.rsplit(".", 1)[-1] for name, module in base.named_modules() if isinstance(module, (nn.Linear, Conv1D))}
+    else:
+        targets = set(lora.target_modules)
+    return replace(lora, target_modules=sorted(targets | {head_name.rsplit(".", 1)[-1]}))
 
 
 def load_policy(spec: ModelSpec, tokenizer, policy: PolicySpec) -> ActorCritic:

@@ -79,7 +79,8 @@ def merged_adapter(peft_model) -> Iterator[None]:
     # detail: merging ignores a disabled adapter (the reference role), so that case is checked here
     active = [layer for layer in layers
               if not layer.disable_adapters and any(name in layer.lora_A for name in layer.active_adapters)]
-    if not active or not hasattr(peft_model, "merge_adapter") or any(layer.merged for layer in layers):
+    if not active or not hasattr(peft_model, "merge_adapter") or any(layer.merged for layer in layers) \
+            or _adapts_a_tied_weight(peft_model, active):
         yield
         return
     originals = [(p, p.detach().clone()) for layer in active for p in layer.get_base_layer().parameters(recurse=False)]
@@ -90,3 +91,11 @@ def merged_adapter(peft_model) -> Iterator[None]:
         peft_model.unmerge_adapter()
         for param, original in originals:
             param.data.copy_(original)
+
+
+def _adapts_a_tied_weight(peft_model, layers) -> bool:
+    """An adapted output head whose weight is the input embedding's (tied, as in gpt2 or Qwen2.5):
+    folding the head's LoRA into it would change the embedding that feeds every token too."""
+    embeddings = peft_model.get_input_embeddings() if hasattr(peft_model, "get_input_embeddings") else None
+    tied = getattr(embeddings, "weight", None)
+    return tied is not None and any(layer.get_base_layer().weight is tied for layer in layers)
