@@ -116,7 +116,8 @@ def test_chat_messages_with_a_tokenizer_without_a_chat_template_are_one_line(ber
 
     source = str(ROOT / "tests" / "fixtures" / "data" / "zh" / "pref_conversational.jsonl")
     datamodule = PreferenceDataModule(DataSource(path=source, max_length=64, max_prompt_length=16),
-                                      load_tokenizer(ModelSpec(name_or_path=str(bert_dir))), batch_size=2)
+                                      load_tokenizer(ModelSpec(name_or_path=str(bert_dir))), batch_size=2,
+                                      group_by_length=False)
     with pytest.raises(UserError) as caught:
         datamodule.setup("fit")
     assert str(caught.value) == (

@@ -234,7 +234,7 @@ def test_every_stage_logs_the_same_figures_in_its_data_summary(tiny_tokenizer):
 
     source = DataSource(path=str(QUALITY / "pref_en.jsonl"), validation_path=str(QUALITY / "pref_en.jsonl"),
                         max_length=64, max_prompt_length=16)
-    datamodule = PreferenceDataModule(source, tiny_tokenizer, batch_size=2)
+    datamodule = PreferenceDataModule(source, tiny_tokenizer, batch_size=2, group_by_length=False)
     datamodule.setup("fit")
     summary = datamodule.summary
     report = build_report(source, tiny_tokenizer, ReportSpec())
@@ -254,7 +254,7 @@ def test_a_stage_with_near_duplicate_cleaning_on_logs_what_it_dropped(tiny_token
 
     source = DataSource(path=str(QUALITY / "pref_en.jsonl"), validation_path=str(QUALITY / "pref_en.jsonl"),
                         max_length=64, max_prompt_length=16, clean=CleaningSpec(near_duplicates=True))
-    datamodule = PreferenceDataModule(source, tiny_tokenizer, batch_size=2)
+    datamodule = PreferenceDataModule(source, tiny_tokenizer, batch_size=2, group_by_length=False)
     datamodule.setup("fit")
     summary = datamodule.summary
     assert summary["train/dropped_near_duplicate"] == 3 and summary["train/duplicates/near_duplicate"] == 3
@@ -277,7 +277,7 @@ def test_features_tokenized_a_batch_at_once_equal_those_tokenized_one_by_one(tin
         alone = [encode_sft(tiny_tokenizer, e.prompt, e.completion, 40, 12, TruncationReport()) for e in examples]
         assert datamodule.train_set.items == [f for f in alone if f is not None] and len(alone) > 3
     for name in ("pref_en.jsonl", "pref_zh.jsonl"):
-        datamodule = PreferenceDataModule(source(name), tiny_tokenizer, batch_size=2)
+        datamodule = PreferenceDataModule(source(name), tiny_tokenizer, batch_size=2, group_by_length=False)
         datamodule.setup("fit")
         examples, _ = load_preferences(str(QUALITY / name), clean=datamodule.source.clean)
         alone = [encode_pair(tiny_tokenizer, e.prompt, e.chosen, e.rejected, e.margin, 40, 12, TruncationReport())
@@ -297,7 +297,7 @@ def test_a_stage_counts_exact_repeats_it_keeps(tiny_tokenizer):
 
     source = DataSource(path=str(QUALITY / "pref_en.jsonl"), validation_path=str(QUALITY / "pref_en.jsonl"),
                         max_length=64, max_prompt_length=16, clean=CleaningSpec(drop_duplicates=False))
-    datamodule = PreferenceDataModule(source, tiny_tokenizer, batch_size=2)
+    datamodule = PreferenceDataModule(source, tiny_tokenizer, batch_size=2, group_by_length=False)
     datamodule.setup("fit")
     assert datamodule.summary["train/flagged_duplicate"] == 1 and "train/dropped_duplicate" not in datamodule.summary
     assert datamodule.summary["train/duplicates/exact"] == 1

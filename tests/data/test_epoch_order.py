@@ -42,3 +42,41 @@ def test_each_epoch_is_a_permutation_of_its_own():
     orders = [sum(_epoch(loader, e), []) for e in range(3)]
     assert all(sorted(order) == list(range(20)) for order in orders)
     assert orders[0] != orders[1] != orders[2]
+
+
+LENGTHS = [(7 * i) % 23 + 1 for i in range(203)]  # 203 examples: 12 full batches of 16 and a short one
+
+
+def _grouped(seed: int = 3, batch_size: int = 16) -> StatefulDataLoader:
+    sampler = EpochShuffleSampler(len(LENGTHS), seed=seed, lengths=LENGTHS, batch_size=batch_size)
+    return StatefulDataLoader(list(range(len(LENGTHS))), batch_size=batch_size, sampler=sampler)
+
+
+def _padding(batches: list[list[int]]) -> int:
+    """Padded positions when each batch is padded to its longest example."""
+    return sum(max(LENGTHS[i] for i in b) * len(b) - sum(LENGTHS[i] for i in b) for b in batches)
+
+
+def test_length_grouped_batches_hold_every_example_once_and_pad_far_less():
+    batches = _epoch(_grouped(), 0)
+    assert sorted(i for b in batches for i in b) == list(range(len(LENGTHS)))
+    assert [len(b) for b in batches] == [16] * 12 + [11]  # the short batch last, where drop_last drops it
+    random_order = _epoch(StatefulDataLoader(list(range(len(LENGTHS))), batch_size=16,
+                                             sampler=EpochShuffleSampler(len(LENGTHS), seed=3)), 0)
+    # one window of 50 batches covers all 203 examples here: a batch of 16 spans at most three neighbouring lengths (about 9 examples each)
+    assert all(max(LENGTHS[i] for i in b) - min(LENGTHS[i] for i in b) <= 2 for b in batches[:-1])
+    assert _padding(batches) * 10 < _padding(random_order)
+
+
+def test_length_grouped_order_depends_on_seed_and_epoch_only_and_survives_a_restore():
+    assert _epoch(_grouped(), 1) == _epoch(_grouped(), 1)
+    assert _epoch(_grouped(), 1) != _epoch(_grouped(), 2)
+    assert _epoch(_grouped(seed=4), 1) != _epoch(_grouped(), 1)
+    straight = _epoch(_grouped(), 2)
+    stopped = _grouped()
+    stopped.sampler.set_epoch(2)
+    batches = iter(stopped)
+    seen = [next(batches).tolist() for _ in range(5)]
+    resumed = _grouped()
+    resumed.load_state_dict(stopped.state_dict())
+    assert seen + [b.tolist() for b in resumed] == straight

@@ -105,7 +105,8 @@ def check_sequence_lengths(assets: Path) -> dict[str, Any]:
     def module(cls, name: str):
         source = DataSource(path=str(assets / name), val_fraction=0.0, max_length=SEQUENCE_TOKENS,
                             max_prompt_length=PROMPT_TOKENS, clean=CleaningSpec(**NO_CLEANING))
-        dm = cls(source=source, tokenizer=tokenizer, batch_size=BATCH)
+        options = {"group_by_length": False} if cls is PreferenceDataModule else {}
+        dm = cls(source=source, tokenizer=tokenizer, batch_size=BATCH, **options)
         dm.setup("fit")
         return dm
 

@@ -62,7 +62,7 @@ from lightrlhf.rollouts.specs import EvalSpec, GenerationSpec
 from lightrlhf.stages.base import StageModule
 from lightrlhf.training.numerics import NumericsSpec
 from lightrlhf.training.optim import OptimizerSpec, SchedulerSpec
-from lightrlhf.training.reporting import log_data_summary, markdown_table
+from lightrlhf.training.reporting import log_data_summary, markdown_table, writes_step_metrics
 
 SPLITS = ("train", "validation")
 
@@ -195,6 +195,8 @@ class DPOStage(StageModule):
             return None  # Lightning skips backward and the optimizer step for this batch
         # step 4. log
         self.log("train/loss", loss, prog_bar=True)
+        if not writes_step_metrics(self._trainer):
+            return loss
         for name, value in dpo_metrics(result, chosen, rejected).items():
             self.log(f"train/{name}", value, prog_bar=name == "rewards/accuracies")
         return loss

@@ -62,7 +62,7 @@ from lightrlhf.rl.preference import bradley_terry_loss
 from lightrlhf.stages.base import StageModule
 from lightrlhf.training.numerics import NumericsSpec, guard_and_clip
 from lightrlhf.training.optim import OptimizerSpec, SchedulerSpec
-from lightrlhf.training.reporting import log_data_summary
+from lightrlhf.training.reporting import log_data_summary, writes_step_metrics
 from lightrlhf.validation import in_range, non_negative, positive
 
 
@@ -142,6 +142,8 @@ class RewardModelStage(StageModule):
             self.log("numerics/skipped_batches", float(self.guard.skipped_total))
             return None  # Lightning skips backward and the optimizer step for this batch
         self.log("train/loss", shown, prog_bar=True)
+        if not writes_step_metrics(self._trainer):
+            return loss
         batch_metrics = preference_metrics(chosen.detach().mean(0), rejected.detach().mean(0), batch["chosen_length"],
                                            batch["rejected_length"])
         if self.ensemble > 1:
