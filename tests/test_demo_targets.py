@@ -24,8 +24,9 @@ AS_MAKE_DEMO = {"OMP_NUM_THREADS": None}
 def test_the_default_demo_meets_its_targets_and_resume_skips_finished_stages(tmp_path):
     """`python train.py` as `make demo` runs it, with the targets the framework promises on the demo task:
     the gold score rises untrained -> SFT -> PPO, the reward model ranks held-out pairs like the gold
-    scorer >= 90% of the time, PPO gains >= 1 standard deviation of the SFT policy's gold scores with its
-    KL within 2x its target."""
+    scorer >= 90% of the time, PPO gains >= 1.4 standard deviations of the SFT policy's gold scores (the
+    README's three seeds: 1.6-1.7; the margin is for the thread count, which follows the machine's load
+    and changes the float sums) with its held-out KL within 1.5x its target and no KL alert."""
     run_dir = tmp_path / "demo"
     done = train_cli([f"hydra.run.dir={run_dir}"], timeout=DEMO_TIMEOUT_S, env=AS_MAKE_DEMO)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -34,13 +35,13 @@ def test_the_default_demo_meets_its_targets_and_resume_skips_finished_stages(tmp
     assert list(summary["steps"]) == ["sft", "rm", "ppo"]
     gold = summary["gold_score"]
     assert gold["untrained"] < gold["sft"] < gold["ppo"], gold
-    assert gold["ppo_gain_in_sft_std"] >= 1.0, gold
+    assert gold["ppo_gain_in_sft_std"] >= 1.4, gold
     assert summary["steps"]["rm"]["metrics"]["val/gold_accuracy"] >= 0.90, summary["steps"]["rm"]
     ppo = json.loads((run_dir / "ppo" / "metrics.json").read_text())["metrics"]
     target = 4.0  # conf/stage/ppo.yaml stage.kl.target
-    assert ppo["eval/kl"] <= 2 * target and ppo.get("alerts/kl_exceeded_count", 0) == 0, ppo
+    assert ppo["eval/kl"] <= 1.5 * target and ppo.get("alerts/kl_exceeded_count", 0) == 0, ppo
     training_kl = [value for _, value in scalar_curve(run_dir / "ppo", "objective/kl")]
-    assert len(training_kl) == 100 and max(training_kl) <= 2 * target
+    assert len(training_kl) == 50 and max(training_kl) <= 2 * target  # conf/experiment/demo.yaml: 50 rollouts
     for step in ("sft", "rm", "ppo"):
         assert json.loads((run_dir / step / "metrics.json").read_text())["status"] == "completed"
     rm = json.loads((run_dir / "rm" / "export" / "lightrlhf.json").read_text())
