@@ -90,3 +90,58 @@ def test_ckpt_path_starts_a_new_run_from_a_checkpoint(tmp_path):
                    tmp_path / "second")
     assert json.loads((tmp_path / "second" / "metrics.json").read_text())["global_step"] == 8
     assert json.loads((tmp_path / "first" / "metrics.json").read_text())["global_step"] == 5  # untouched
+
+
+def test_packing_lays_demonstrations_end_to_end_on_a_hand_made_batch():
+    # [5 6 7 | 8 9 2] (prompt 3), [5 | 8 2] (prompt 1), [4 | 2] (prompt 1), rows of 8: longest first, first fit
+    batch = collate_sft(pad_id=0, pack_width=8)(
+        [SFTFeatures([5, 6, 7, 8, 9, 2], 3), SFTFeatures([5, 8, 2], 1), SFTFeatures([4, 2], 1)])
+    assert "attention_mask" not in batch
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 2, 4, 2], [5, 8, 2, 0, 0, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 0, 1], [0, 1, 2, 0, 1, 2, 3, 4]]
+    # a demonstration's first token is never a target: it would be predicted from the one before it
+    assert batch["token_mask"].tolist() == [[0, 1, 1, 1, 1, 1, 0, 1], [0, 1, 1, 0, 0, 0, 0, 0]]
+    assert batch["completion_mask"].tolist() == [[0, 0, 0, 1, 1, 1, 0, 1], [0, 1, 1, 0, 0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("completion_only", [True, False])
+def test_a_packed_batch_gives_the_unpacked_loss_and_gradient(tiny_spec, tiny_tokenizer, completion_only):
+    from lightrlhf.models.causal_lm import load_causal_lm
+    from lightrlhf.stages.sft import SFTStage
+
+    texts = [("explain river rain :", "the river is wet and the rain is calm ."), ("list stone :", "stone ."),
+             ("describe a calm lake :", "lake calm water , kindly ."), ("tell me about sand :", "sand sand dune")]
+    features = [encode_sft(tiny_tokenizer, p, c, 64, 16, TruncationReport()) for p, c in texts]
+    torch.manual_seed(0)
+    model = load_causal_lm(tiny_spec, tiny_tokenizer)
+    with torch.no_grad():  # a trained-looking adapter, so that the gradient of every LoRA weight is non-zero
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    stage = SFTStage(model, None, completion_only_loss=completion_only)
+    results = []
+    for collate in (collate_sft(tiny_tokenizer.pad_token_id), collate_sft(tiny_tokenizer.pad_token_id, 64)):
+        batch = collate(features)
+        model.zero_grad()
+        loss, tokens = sft_loss(stage._logits(batch), batch["input_ids"], stage._loss_mask(batch))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((batch["input_ids"].numel(), loss.detach(), tokens, grads))
+    (padded_size, loss, tokens, grads), (packed_size, packed_loss, packed_tokens, packed_grads) = results
+    assert packed_size < padded_size  # 4 rows padded to the longest vs one row of the four end to end
+    assert packed_tokens == tokens
+    torch.testing.assert_close(packed_loss, loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == packed_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(packed_grads[name], grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_sft_with_packing_trains_and_resumes_as_one_run(tmp_path):
+    common = ["stage=sft", "stage.datamodule.packing=true", "stage.eval.num_prompts=8", "trainer.val_check_interval=6",
+              "callbacks.checkpoint.every_n_steps=6"]
+    run_in_process(common + ["trainer.max_steps=6"], tmp_path / "run")
+    run_in_process([f"resume={tmp_path / 'run'}", "trainer.max_steps=12"], tmp_path / "run")
+    run_in_process(common + ["trainer.max_steps=12"], tmp_path / "straight")
+    resumed, straight = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("run", "straight"))
+    assert resumed["global_step"] == straight["global_step"] == 12
+    assert resumed["metrics"]["val/loss"] == pytest.approx(straight["metrics"]["val/loss"], rel=1e-5)

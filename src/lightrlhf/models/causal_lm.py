@@ -35,7 +35,7 @@ class CausalLM(nn.Module):
         """Names relative to `self` (prefixed with "module.")."""
         return [f"module.{n}" for n in self._trainable]
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, **kwargs) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None, **kwargs) -> Tensor:
         return self.module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
 
     def merged_model(self) -> nn.Module:

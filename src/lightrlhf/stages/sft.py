@@ -70,10 +70,15 @@ class SFTStage(StageModule):
 
     # -- training -----------------------------------------------------------------------------
     def _loss_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return batch["completion_mask"] if self.completion_only_loss else batch["attention_mask"]
+        return batch["completion_mask"] if self.completion_only_loss else batch["token_mask"]
+
+    def _logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "position_ids" in batch:  # packed rows (data/modules.py pack_rows): the positions delimit the demonstrations
+            return self.model(batch["input_ids"], None, position_ids=batch["position_ids"])
+        return self.model(batch["input_ids"], batch["attention_mask"])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self.model(batch["input_ids"], batch["attention_mask"])
+        logits = self._logits(batch)
         loss, tokens = sft_loss(logits, batch["input_ids"], self._loss_mask(batch))
         if not self.guard.screen(self.global_step, loss=loss.detach()):
             self.log("numerics/skipped_batches", float(self.guard.skipped_total))
@@ -82,7 +87,7 @@ class SFTStage(StageModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits = self.model(batch["input_ids"], batch["attention_mask"])
+        logits = self._logits(batch)
         mask = self._loss_mask(batch)
         loss, tokens = sft_loss(logits, batch["input_ids"], mask)
         self.val_loss.update(loss, weight=tokens)
