@@ -175,7 +175,7 @@ def test_pipeline_composes_each_step_once_with_the_global_overrides_that_apply(t
         assert ppo.reward.clip == 5.0 and "reward" not in sft and "reward" not in rm  # only PPO has a reward
         assert all(c.trainer.accelerator == "cpu" for c in (sft, rm, ppo))
         assert seen["rm"][1] == ["stage=rm", "data=demo_pref", f"model.name_or_path={run_dir}/sft/export",
-                                 "seed=3", "trainer=cpu", "demo.annotator.length_bias=0.2",
+                                 "trainer.max_steps=1000", "seed=3", "trainer=cpu", "demo.annotator.length_bias=0.2",
                                  f"paths.output_dir={run_dir}/rm"]
         assert "pipeline step rm: override ++reward.clip=5.0 does not apply to it" in caplog.messages
 

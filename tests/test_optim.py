@@ -56,9 +56,10 @@ def test_sft_gradients_reach_the_optimizer_clipped(tmp_path, monkeypatch):
 def test_whole_sequence_loss_when_completion_only_is_off(tiny_spec):
     from lightrlhf.stages.sft import SFTStage
 
-    batch = {"attention_mask": torch.tensor([[1, 1, 1, 0]]), "completion_mask": torch.tensor([[0, 0, 1, 0]])}
+    # token_mask: every real token (data/modules.py collate_sft; packed rows leave out each demonstration's first)
+    batch = {"token_mask": torch.tensor([[1, 1, 1, 0]]), "completion_mask": torch.tensor([[0, 0, 1, 0]])}
     assert SFTStage(model=None, datamodule=None)._loss_mask(batch) is batch["completion_mask"]
-    assert SFTStage(model=None, datamodule=None, completion_only_loss=False)._loss_mask(batch) is batch["attention_mask"]
+    assert SFTStage(model=None, datamodule=None, completion_only_loss=False)._loss_mask(batch) is batch["token_mask"]
 
 
 def test_skip_mode_stops_after_max_consecutive_skips_and_a_finite_batch_resets_the_run():

@@ -8,7 +8,11 @@ token and are masked out (`response_mask` covers the response up to and includin
 Two things keep the loop near the cost of the model's own arithmetic: the KV cache and the attention
 mask are reserved once for prompt width + max_new_tokens and written in place (models/kv_cache.py;
 growing them by `torch.cat` copies every earlier position at every step), and a prompt sampled k times
-(GRPO/RLOO groups) runs through the model once, its cache repeated for its k rows.
+(GRPO/RLOO groups) runs through the model once, its cache repeated for its k rows. After the prompt,
+a Llama-family model (llama, mistral, qwen2; full attention) decodes with models/fast_decode.py's
+lean step, the same arithmetic as transformers' forward without its per-token Python and dispatch
+(a decode step of the benchmark workload: 5.5 -> 3.8 ms with 2 threads, bench/decode.py); other
+models, and `fast=False`, keep transformers' forward.
 
 Sampling and scoring share one definition of temperature: the caller computes log-probs of the
 sampled tokens with `rl.token_logprobs(logits, tokens, temperature)`, the same temperature used
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightrlhf.models.fast_decode import LeanDecoder, lean_decoder
 from lightrlhf.models.kv_cache import preallocated_cache
 from lightrlhf.rl.next_token import sample_tokens
 
@@ -77,13 +82,17 @@ def cache_argument(model: Callable) -> str:
 
 
 class _Stepper:
-    """Feeds one model token by token with its own KV cache, reserved for `capacity` positions."""
+    """Feeds one model token by token with its own KV cache, reserved for `capacity` positions. With
+    `fast`, a model that qualifies decodes with models/fast_decode.py's lean step after transformers'
+    forward has run the prompts; any other model keeps transformers' forward for every step."""
 
-    def __init__(self, model: Callable, context: Callable[[], contextlib.AbstractContextManager], capacity: int):
+    def __init__(self, model: Callable, context: Callable[[], contextlib.AbstractContextManager], capacity: int,
+                 fast: bool = True):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.model, self.context = model, context
+        self.model, self.context, self.capacity, self.fast = model, context, capacity, fast
         self.cache = preallocated_cache(getattr(base, "config", None), capacity)
         self.cache_kwargs = {cache_argument(model): self.cache}
+        self.lean: LeanDecoder | None = None
 
     def __call__(self, ids: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
         with self.context():
@@ -97,7 +106,20 @@ class _Stepper:
         if repeats > 1:
             self.cache.batch_repeat_interleave(repeats)
             logits = logits.repeat_interleave(repeats, dim=0)
+        if self.fast:
+            # detail: built inside the role context, so it reads the weights (merged or not) and the
+            # active adapters that the prefill ran with
+            with self.context():
+                self.lean = lean_decoder(self.model, self.cache, mask.repeat_interleave(repeats, dim=0), self.capacity)
         return logits
+
+    def decode(self, tokens: Tensor, mask: Tensor, length: int, positions: Tensor) -> Tensor:
+        """Logits after feeding `tokens` [B] at `positions` [B, 1]; `mask` [B, capacity] holds every
+        position's attention mask, of which the first `length` (the new token's included) are written."""
+        if self.lean is None:
+            return self(tokens[:, None], mask[:, :length], positions)
+        with self.context():
+            return self.lean.step(tokens, mask[:, length - 1], positions[:, 0])
 
 
 @torch.no_grad()
@@ -106,10 +128,11 @@ def sample(model: Callable, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_
            generator: torch.Generator | None = None, stop_at_eos: bool = True, repeats: int = 1,
            model_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
            mix_model_context: Callable[[], contextlib.AbstractContextManager] | None = None,
-           mix_epsilon: float = 0.0) -> Generation:
+           mix_epsilon: float = 0.0, fast: bool = True) -> Generation:
     """Sample up to `max_new_tokens` tokens per prompt (see module docstring); `repeats` > 1 draws that
     many responses per prompt (rows i*repeats .. i*repeats + repeats-1 answer prompt i), running each
-    prompt through the model once: a group of k samples costs one prompt forward, not k."""
+    prompt through the model once: a group of k samples costs one prompt forward, not k. `fast=False`
+    decodes with transformers' forward even where the lean step applies (the benchmark's baseline)."""
     prompt_ids, prompt_mask = prompt_ids.repeat_interleave(repeats, dim=0), prompt_mask.repeat_interleave(repeats, 0)
     unique = slice(None, None, repeats)  # the first row of each prompt's group
     batch, width = prompt_ids.shape
@@ -117,8 +140,8 @@ def sample(model: Callable, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_
     # detail: a role switch walks every module (peft's set_adapter, milliseconds); sampling from one
     # role switches once for the whole loop, only mixing two roles switches at every token.
     capacity = width + max_new_tokens
-    policy = _Stepper(model, model_context if mixing else contextlib.nullcontext, capacity)
-    reference = _Stepper(model, mix_model_context, capacity) if mixing else None
+    policy = _Stepper(model, model_context if mixing else contextlib.nullcontext, capacity, fast)
+    reference = _Stepper(model, mix_model_context, capacity, fast) if mixing else None
     # the mask of every position the loop can reach, written as tokens come; step t reads [:, :width + t]
     mask = torch.zeros(batch, capacity, dtype=prompt_mask.dtype)
     mask[:, :width] = prompt_mask
@@ -146,10 +169,9 @@ def sample(model: Callable, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_
                 break
             mask[:, width + step] = alive.long()
             step_positions = step_positions + 1
-            seen = mask[:, :width + step + 1]
-            logits = policy(tokens[:, None], seen, step_positions)
+            logits = policy.decode(tokens, mask, width + step + 1, step_positions)
             if reference is not None:
-                ref_logits = reference(tokens[:, None], seen, step_positions)
+                ref_logits = reference.decode(tokens, mask, width + step + 1, step_positions)
     response_ids = torch.stack(tokens_out, dim=1)
     response_mask = torch.stack(mask_out, dim=1)
     ended = ((response_ids == eos_token_id) & response_mask.bool()).any(dim=1)

@@ -31,12 +31,13 @@ def preallocated_cache(config, capacity: int):
     if config is None:
         return DynamicCache()
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    if not _full_attention_only(text):
+    if not full_attention_only(text):
         return DynamicCache()
     return Cache(layer_class_to_replicate=functools.partial(_make_layer(DynamicLayer), capacity))
 
 
-def _full_attention_only(text_config) -> bool:
+def full_attention_only(text_config) -> bool:
+    """Whether every layer attends to every earlier position (no sliding window, no linear attention)."""
     kinds = getattr(text_config, "layer_types", None)
     if kinds:
         return set(kinds) == {"full_attention"}
