@@ -12,7 +12,7 @@ import pytest
 from conftest import SMALL_DEMO, scalar_curve, train_cli
 
 pytestmark = pytest.mark.slow
-# A hang guard, not a speed target: the whole demo takes 2.5 minutes on an idle 2-core machine, but
+# A hang guard, not a speed target: the whole demo takes 137 s on an idle 2-core machine, but
 # this machine's speed has been measured to vary 2x between days and 25% within the hour, and in the
 # parallel suite it shares the cores with the other worker.
 DEMO_TIMEOUT_S = 1800
