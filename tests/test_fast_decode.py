@@ -238,10 +238,31 @@ def test_demo_rollout_samples_equal(tiny_spec, tiny_tokenizer):
     with torch.no_grad(), _merged(actor):
         fast, plain = _sample_both(actor.module, prompts, **kwargs)
     _assert_same(fast, plain)
-    # exploration: every token drawn from the policy or the reference, switching roles per step
+    # exploration: every token drawn from the policy or the reference
     mixed = _sample_both(actor.module, prompts, model_context=actor.policy_context,
                          mix_model_context=actor.reference_context, mix_epsilon=0.5, **kwargs)
     _assert_same(*mixed)
+
+    def role_switches(fast: bool) -> int:
+        entered = []
+
+        def counted(context):
+            @contextlib.contextmanager
+            def wrapper():
+                entered.append(1)
+                with context():
+                    yield
+            return wrapper
+
+        sample(actor.module, *left_pad(prompts, tok.pad_token_id), model_context=counted(actor.policy_context),
+               mix_model_context=counted(actor.reference_context), mix_epsilon=0.5, fast=fast,
+               generator=torch.Generator().manual_seed(0), **kwargs)
+        return len(entered)
+
+    # a lean stepper reads its role's weights once: its role is entered for the prompt and the build only,
+    # where transformers' forward enters it again at every token
+    assert role_switches(fast=True) == 4
+    assert role_switches(fast=False) > 4 + 2 * 5
 
 
 def test_the_lean_step_replaces_the_per_token_forward():

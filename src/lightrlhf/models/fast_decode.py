@@ -204,6 +204,11 @@ class LeanDecoder:
         self.embedding = body.embed_tokens.weight if lookup else None
         self.embed = body.embed_tokens
         self.norm, self.head = _Norm(body.norm), _Linear(base.lm_head, attended.shape[0])
+        parts = [p for layer in self.layers for p in (layer.input_norm, layer.post_norm, layer.q, layer.k, layer.v,
+                                                       layer.o, layer.gate, layer.up, layer.down)]
+        # whether every weight was read at build time: then a step computes the role it was built in
+        # whatever adapter is active, and needs no role switch around it (a switch walks every module)
+        self.self_contained = self.embedding is not None and all(p.module is None for p in [*parts, self.norm, self.head])
         self.length = cache.layers[0].length
         keys = self.layers[0].keys
         dtype, device = keys.dtype, keys.device

@@ -118,7 +118,9 @@ class _Stepper:
         position's attention mask, of which the first `length` (the new token's included) are written."""
         if self.lean is None:
             return self(tokens[:, None], mask[:, :length], positions)
-        with self.context():
+        # detail: mixing two roles switches the active adapter at every token; a self-contained lean
+        # step read its role's weights when it was built, so the switch is skipped
+        with contextlib.nullcontext() if self.lean.self_contained else self.context():
             return self.lean.step(tokens, mask[:, length - 1], positions[:, 0])
 
 
