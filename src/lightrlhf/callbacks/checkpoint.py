@@ -48,6 +48,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 
 from lightrlhf.io import atomic_write
+from lightrlhf.training.reporting import writes_step_metrics
 from lightrlhf.validation import positive
 
 log = logging.getLogger(__name__)
@@ -275,7 +276,7 @@ def unlogged_batch_metrics(trainer: L.Trainer) -> dict[str, Any]:
     connector = trainer._logger_connector
     step = trainer.fit_loop.epoch_loop._batches_that_stepped
     accumulating = trainer.fit_loop._should_accumulate() and trainer.lightning_module.automatic_optimization
-    if accumulating or not connector.should_update_logs:
+    if accumulating or not writes_step_metrics(trainer):
         return {"step": step, "metrics": {}}
     metrics = {k: float(v) for k, v in connector.metrics["log"].items() if not torch.is_tensor(v) or v.numel() == 1}
     if metrics:
