@@ -89,6 +89,7 @@ BAD_INPUTS = [
     (["model.lora.r=0"], "error: config model.lora.r: must be > 0, got 0"),
     (["model.dtype=float8"], "error: config model.dtype: expected one of 'float32', 'bfloat16', 'float16', got str 'float8'"),
     (["trainer.max_steps=ten"], "error: config trainer.max_steps: expected int, got str 'ten'"),
+    (["stage.datamodule.packing=maybe"], "error: config stage.datamodule.packing: expected bool, got str 'maybe'"),
     (["stage.optim.lr=-0.1"], "error: config stage.optim.lr: must be > 0, got -0.1"),
     (["+stage.learning_rate=0.1"], "error: config stage.learning_rate: unknown key for SFTStage"),
     (["stage.learning_rate=0.1"], "error: config: Could not override 'stage.learning_rate'. Key 'learning_rate' is not in struct"),
