@@ -6,6 +6,8 @@ with the batch's longest response, not with the policy. `mask` may be bool or 0/
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -36,13 +38,24 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  total: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """(x - mean) / sqrt(var + eps), mean and unbiased var over valid positions only.
 
     With shift_mean=False the mean is added back (only the scale is normalised), as TRL does when
     it whitens rewards (`whiten_rewards`). Masked positions are exactly 0 in the output.
+
+    `total` sums a tensor over the parts of a batch that other processes hold (data parallelism:
+    training/distributed.all_sum); mean and variance are then those of every part's valid positions,
+    in two exact passes: mean = total(sum x) / n, var = total(sum (x - mean)^2) / (n - 1).
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    if total is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        valid = mask.bool()
+        moments = total(torch.stack([valid.sum().to(x.dtype), masked_sum(x, mask)]))
+        n, mean = moments[0], moments[1] / moments[0].clamp(min=1)
+        var = total(masked_sum((x - mean) ** 2, mask)) / (n - 1).clamp(min=1)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

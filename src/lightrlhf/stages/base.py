@@ -31,6 +31,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from lightrlhf.training import distributed
 from lightrlhf.training.checkpointing import check_trainable, keep_trainable
 from lightrlhf.training.numerics import NonFiniteGuard, NumericsSpec, gradient_norm, guard_and_clip
 from lightrlhf.training.optim import OptimizerSpec, SchedulerSpec
@@ -71,6 +72,10 @@ class StageModule(L.LightningModule):
 
     default_metric: ClassVar[str | None] = None
     stage_name: ClassVar[str] = "stage"
+    # under trainer=ddp the stage sums its gradients over the ranks itself, once per optimizer step, and
+    # takes its statistics over every rank's rows (the online stages that run on several processes:
+    # training/distributed.py); the others leave the sync to Lightning's DDP wrapper
+    syncs_own_gradients: ClassVar[bool] = False
 
     def __init__(self, optim: OptimizerSpec, scheduler: SchedulerSpec, max_grad_norm: float | None,
                  numerics: NumericsSpec | None) -> None:
@@ -108,7 +113,12 @@ class StageModule(L.LightningModule):
                        merged: dict[str, float], stats: dict[str, list[float]]) -> bool:
         """The end of one minibatch, PPO's, GRPO's and PbRL's alike: the NaN guard on its losses and gradient
         norm (a non-finite one skips the step, the weights stay finite), its stats recorded, clipping,
-        exactly one optimizer step and the schedule's. False when the step was skipped."""
+        exactly one optimizer step and the schedule's. False when the step was skipped.
+
+        Under trainer=ddp (the online stages) the gradients are first summed over the ranks, whose losses
+        were divided by the global minibatch's count (training/distributed.py)."""
+        if self.syncs_own_gradients:
+            distributed.sum_gradients(params)
         grad_norm = gradient_norm(params)
         if not self.guard.check(self.global_step, loss=losses, gradient_norm=grad_norm):
             optimizer.zero_grad()

@@ -52,6 +52,7 @@ from lightrlhf.rl.ppo import AGGREGATIONS, Aggregation
 from lightrlhf.rollouts.rollout import Rollout, group_order, roll_out, scoring_logits, scoring_temperature
 from lightrlhf.rollouts.specs import EvalSpec, GenerationSpec
 from lightrlhf.stages.online import OnlineStage, merge_micro_batches
+from lightrlhf.training import distributed
 from lightrlhf.training.alerts import AlertSpec
 from lightrlhf.training.numerics import NumericsSpec
 from lightrlhf.training.optim import OptimizerSpec, SchedulerSpec
@@ -149,6 +150,7 @@ def check_group_minibatches(batch_size: int, group: GroupSpec) -> None:
 
 class GRPOStage(OnlineStage):
     default_metric = "eval/reward"
+    syncs_own_gradients = True  # runs under trainer=ddp: a group never spans ranks (training/distributed.py)
 
     def __init__(self, model: ActorCritic, datamodule: PromptDataModule, reward: RewardSpec, group: GroupSpec,
                  optim: OptimizerSpec = OptimizerSpec(lr=5e-4),
@@ -184,7 +186,7 @@ class GRPOStage(OnlineStage):
                         differentiable=self.reuse_rollout_forward, with_reference=self.kl_spec.needs_reference)
         # step 2. score: the composite score in raw units, then shaped
         scores, components = self.scorer.score(roll)
-        self.scorer.observe(scores)
+        self.scorer.observe(distributed.all_cat(scores))  # the normaliser's statistics: every rank's scores
         shaped = self.scorer.shape(scores, roll.ended_with_eos)
         # step 3. rewards: the KL of each whole response (k1), in the reward when kl_in=reward
         kl = sequence_kl(roll.logprobs, roll.ref_logprobs, roll.mask) if roll.ref_logprobs is not None else None
@@ -211,11 +213,13 @@ class GRPOStage(OnlineStage):
             for start in range(0, rows, minibatch):
                 chosen = order[start:start + minibatch]
                 # detail: every micro-batch divides by the whole minibatch's count, so they add up to its loss
-                normalizer = aggregation_normalizer(batch.rollout.mask[chosen], self.group.loss_aggregation,
-                                                    self.generation.max_new_tokens)
+                # (over every rank: the gradients, summed over ranks, are the global minibatch's)
+                normalizer = distributed.all_sum(aggregation_normalizer(
+                    batch.rollout.mask[chosen], self.group.loss_aggregation, self.generation.max_new_tokens))
                 optimizer.zero_grad()
                 parts = [self._loss(batch, chosen[i:i + micro], normalizer, by_group)
                          for i in range(0, len(chosen), micro)]
+                parts = [part for rank_parts in distributed.all_gather_objects(parts) for part in rank_parts]
                 merged = merge_micro_batches(parts, additive=("policy/loss", "policy/kl_loss"))
                 losses = torch.tensor([merged["policy/loss"]])
                 steps += self.minibatch_step(optimizer, scheduler, params, losses, merged, stats)
@@ -251,8 +255,8 @@ class GRPOStage(OnlineStage):
         started = time.perf_counter()
         group_batch = self.rollout(batch["prompt_ids"], batch["prompt_text"], self._raw_prompts(batch, train=True))
         roll = group_batch.rollout
-        if not self.guard.check(self.global_step, scores=group_batch.scores, rewards=group_batch.rewards,
-                                advantages=group_batch.advantages):
+        if not self.rollout_is_finite(scores=group_batch.scores, rewards=group_batch.rewards,
+                                      advantages=group_batch.advantages):
             self.log("numerics/skipped_batches", float(self.guard.skipped_total))
             return  # no update from a poisoned rollout
         rolled = time.perf_counter()

@@ -30,6 +30,7 @@ from lightrlhf.rollouts.evaluation import PolicyEvaluation
 from lightrlhf.rollouts.rollout import chunks, sample_responses
 from lightrlhf.rollouts.specs import EvalSpec, GenerationSpec
 from lightrlhf.stages.base import StageModule
+from lightrlhf.training import distributed
 from lightrlhf.training.alerts import AlertSpec, Tripwires
 from lightrlhf.training.reporting import log_data_summary, log_sample_table
 
@@ -53,18 +54,36 @@ class OnlineStage(StageModule):
         # the stage's own state, all of it checkpointed (with what the subclass adds)
         self.tripwires = Tripwires(alerts or AlertSpec(), kl_target)
         self.rollout_count = 0
+        self.seed = seed
         self.sampler = torch.Generator().manual_seed(seed)
         self.initial_eval: dict[str, float] = {}
         self.eval_results: dict[str, float] = {}
         self._eval_rows: list[dict[str, Any]] = []
 
     def setup(self, stage: str) -> None:
-        if self.trainer is not None and self.trainer.world_size > 1:
-            from lightrlhf.errors import UserError
+        if self.trainer is None or self.trainer.world_size == 1:
+            return
+        from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-            raise UserError(f"config trainer: stage={self.stage_name} runs on one process (each rollout makes "
-                            "several backward passes, which data-parallel wrappers do not allow); use "
-                            "trainer=default or trainer=gpu")
+        from lightrlhf.errors import UserError
+
+        strategy = self.trainer.strategy
+        if not self.syncs_own_gradients:
+            raise UserError(f"config trainer: stage={self.stage_name} runs on one process; use trainer=default or "
+                            "trainer=gpu (stage=ppo, grpo and rloo run under trainer=ddp)")
+        if not isinstance(strategy, DDPStrategy) or isinstance(strategy, DeepSpeedStrategy):
+            raise UserError(f"config trainer: stage={self.stage_name} runs on several processes with trainer=ddp "
+                            f"only (each rank rolls out its own prompts), not {type(strategy).__name__}")
+        # each rank samples its own responses: the same seed would correlate the ranks' draws
+        self.sampler.manual_seed(self.seed + 1_000_003 * distributed.rank())
+
+    def manual_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        if self.syncs_own_gradients and distributed.world_size() > 1:
+            # the DDP wrapper's reducer stays out of every backward: the stage sums the gradients over
+            # ranks itself, once per optimizer step (training/distributed.py)
+            with self.trainer.strategy.block_backward_sync():
+                return super().manual_backward(loss, *args, **kwargs)
+        return super().manual_backward(loss, *args, **kwargs)
 
     def train(self, mode: bool = True) -> OnlineStage:
         super().train(mode)
@@ -106,6 +125,14 @@ class OnlineStage(StageModule):
                  len(scores_all), baseline["score_mean"], baseline["score_std"], baseline["length_mean"],
                  100 * baseline["frac_ended_with_eos"])
 
+    def rollout_is_finite(self, **quantities: torch.Tensor) -> bool:
+        """The NaN guard on a rollout, decided for every rank at once: when another rank's rollout is not
+        finite this rank skips (or stops) too, so that no rank waits for another's gradient."""
+        local = all(bool(torch.isfinite(q).all()) for q in quantities.values())
+        if not distributed.all_agree(local) and local:
+            quantities = {"another rank's rollout": torch.tensor(float("nan"))}
+        return self.guard.check(self.global_step, **quantities)
+
     # -- evaluation --------------------------------------------------------------------------------
     def _raw_prompts(self, batch: dict[str, Any], train: bool) -> list:
         examples = self.datamodule.train_examples if train else self.datamodule.val_examples
@@ -116,7 +143,13 @@ class OnlineStage(StageModule):
                                      batch_idx)
 
     def evaluate(self) -> dict[str, float]:
-        return self._summarise([self._evaluate_batch(b, i) for i, b in enumerate(self.datamodule.val_dataloader())])
+        """Every held-out batch with its own seed, on any number of ranks: rank r evaluates batches
+        r, r + N, r + 2N, ... of the whole loader and every rank summarises all of them, in order, so the
+        figures are the one-process figures."""
+        world, rank = distributed.world_size(), distributed.rank()
+        mine = [(i, self._evaluate_batch(b, i)) for i, b in enumerate(self.datamodule.val_dataloader()) if i % world == rank]
+        everyone = sorted((pair for part in distributed.all_gather_objects(mine) for pair in part), key=lambda p: p[0])
+        return self._summarise([row for _, row in everyone])
 
     def _summarise(self, rows: list[dict[str, Any]]) -> dict[str, float]:
         if rows:
@@ -126,15 +159,24 @@ class OnlineStage(StageModule):
         return self.evaluation.summarise(rows)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_rows.append(self._evaluate_batch(batch, batch_idx))
+        if distributed.world_size() == 1:  # several ranks evaluate in on_validation_epoch_end
+            self._eval_rows.append(self._evaluate_batch(batch, batch_idx))
 
     def on_validation_epoch_end(self) -> None:
         rows, self._eval_rows = self._eval_rows, []
-        if self.trainer.sanity_checking or not rows:
+        if self.trainer.sanity_checking:
             return
-        self.eval_results = self._summarise(rows)
+        if distributed.world_size() > 1:
+            # Lightning's shards would pair other prompts with other seeds than one process does:
+            # `evaluate` splits the whole loader's batches between the ranks instead
+            self.eval_results = self.evaluate()
+        elif rows:
+            self.eval_results = self._summarise(rows)
+        else:
+            return
+        # detail: the ranks hold the same (global) figures; sync_dist only spares Lightning's warning
         for name, value in self.eval_results.items():
-            self.log(name, value, prog_bar=name == "eval/gold_score")
+            self.log(name, value, prog_bar=name == "eval/gold_score", sync_dist=distributed.world_size() > 1)
         self.last_validated_step = self.global_step
 
     def publish_rollout(self, metrics: dict[str, float], roll: Any, scores: torch.Tensor,
@@ -144,10 +186,13 @@ class OnlineStage(StageModule):
         tripwire says so. `seconds`: (started, rolled out, updated) from time.perf_counter()."""
         started, rolled, updated = seconds
         self.rollout_count += 1
+        episodes = roll.rows * distributed.world_size()
         metrics.update({"time/rollout_s": rolled - started, "time/update_s": updated - rolled,
-                        "time/episodes_per_s": roll.rows / (updated - started),
+                        "time/episodes_per_s": episodes / (updated - started),
                         "progress/rollouts": float(self.rollout_count),
-                        "progress/episodes": float(self.rollout_count * roll.rows)})
+                        "progress/episodes": float(self.rollout_count * episodes)})
+        # every rank's tripwires see the same (global) numbers, so they stop together
+        metrics = distributed.mean_over_ranks(metrics)
         alerts, stop = self.tripwires.check(metrics, self.rollout_count)
         metrics.update(alerts)
         for name, value in metrics.items():
@@ -164,13 +209,22 @@ class OnlineStage(StageModule):
 
     # -- checkpoints: the state every online stage keeps --------------------------------------------
     def online_state(self) -> dict[str, Any]:
-        return {**self.scorer.state_dict(), "rollout_count": self.rollout_count, "sampler": self.sampler.get_state(),
-                **self.tripwires.state_dict(), "initial_eval": dict(self.initial_eval), "eval": dict(self.eval_results)}
+        # every rank's sampler: a resumed rank continues its own draws (Lightning writes rank 0's state)
+        samplers = distributed.all_gather_objects(self.sampler.get_state())
+        return {**self.scorer.state_dict(), "rollout_count": self.rollout_count, "sampler": samplers[0],
+                "sampler_by_rank": samplers, **self.tripwires.state_dict(), "initial_eval": dict(self.initial_eval),
+                "eval": dict(self.eval_results)}
 
     def load_online_state(self, state: dict[str, Any]) -> None:
         self.scorer.load_state_dict(state)
         self.rollout_count = int(state["rollout_count"])
-        self.sampler.set_state(state["sampler"])
+        samplers = state.get("sampler_by_rank", [state["sampler"]])
+        if len(samplers) != distributed.world_size():
+            from lightrlhf.errors import UserError
+
+            raise UserError(f"resume: the checkpoint was written by {len(samplers)} process(es); resume it with "
+                            f"trainer.devices={len(samplers)} (this run has {distributed.world_size()})")
+        self.sampler.set_state(samplers[distributed.rank()])
         self.tripwires.load_state_dict(state)
         self.initial_eval, self.eval_results = dict(state["initial_eval"]), dict(state["eval"])
 

@@ -50,6 +50,7 @@ from lightrlhf.rl.kl_control import KLSpec
 from lightrlhf.rollouts.rollout import Rollout, response_logit_positions, roll_out, scoring_temperature
 from lightrlhf.rollouts.specs import EvalSpec, GenerationSpec
 from lightrlhf.stages.online import OnlineStage, merge_micro_batches
+from lightrlhf.training import distributed
 from lightrlhf.training.alerts import AlertSpec
 from lightrlhf.training.numerics import NumericsSpec
 from lightrlhf.training.optim import OptimizerSpec, SchedulerSpec
@@ -133,6 +134,7 @@ def check_minibatches(batch_size: int, ppo: PPOSpec) -> None:
 class PPOStage(OnlineStage):
     default_metric = "eval/reward"
     stage_name = "ppo"
+    syncs_own_gradients = True  # runs under trainer=ddp (training/distributed.py)
 
     def __init__(self, model: ActorCritic, datamodule: PromptDataModule, reward: RewardSpec,
                  optim: OptimizerSpec = OptimizerSpec(lr=5e-4),
@@ -167,16 +169,16 @@ class PPOStage(OnlineStage):
                         explore_epsilon=self.exploration_epsilon)
         # step 2. score: the composite score in raw units, then shaped
         scores, components = self.scorer.score(roll)
-        self.scorer.observe(scores)
+        self.scorer.observe(distributed.all_cat(scores))  # the normaliser's statistics: every rank's scores
         shaped = self.scorer.shape(scores, roll.ended_with_eos)
         # step 3. per-token rewards: -beta * KL_t everywhere, the shaped score at the last token
         kl = kl_penalty(roll.logprobs, roll.ref_logprobs, self.kl_spec.estimator) * roll.mask
         beta = self.kl_controller.value
         rewards = per_token_rewards(shaped, kl, roll.mask, beta)
-        # step 4. advantages: GAE, whitened over valid tokens only
+        # step 4. advantages: GAE, whitened over valid tokens only (every rank's)
         advantages, returns = gae(rewards, roll.values, roll.mask, self.ppo.gamma, self.ppo.lam)
         if self.ppo.whiten_advantages:
-            advantages = masked_whiten(advantages, roll.mask)
+            advantages = masked_whiten(advantages, roll.mask, total=distributed.all_sum)
         return PPOBatch(roll, scores, shaped, components, kl, beta, rewards, advantages, returns)
 
     # -- step 5: the update ------------------------------------------------------------------------
@@ -194,10 +196,13 @@ class PPOStage(OnlineStage):
             for start in range(0, rows, minibatch):
                 chosen = order[start:start + minibatch]
                 # detail: every micro-batch is normalised by the whole minibatch's count (valid tokens,
-                # or rows for seq_mean), so the micro-batch losses add up to the minibatch's loss.
-                normalizer = aggregation_normalizer(batch.rollout.mask[chosen], self.ppo.loss_aggregation)
+                # or rows for seq_mean) over every rank, so the micro-batch losses add up to the global
+                # minibatch's loss (and the gradients, summed over ranks, to its gradient).
+                normalizer = distributed.all_sum(aggregation_normalizer(batch.rollout.mask[chosen],
+                                                                        self.ppo.loss_aggregation))
                 optimizer.zero_grad()
                 parts = [self._loss(batch, chosen[i:i + micro], normalizer) for i in range(0, len(chosen), micro)]
+                parts = [part for rank_parts in distributed.all_gather_objects(parts) for part in rank_parts]
                 merged = merge_micro_batches(parts, additive=("policy/loss", "policy/entropy", "val/loss"))
                 if self.ppo.max_approx_kl is not None and merged["policy/approxkl"] > self.ppo.max_approx_kl:
                     # detail: early stop -- the policy already moved too far from the rollout policy;
@@ -244,8 +249,8 @@ class PPOStage(OnlineStage):
         started = time.perf_counter()
         ppo_batch = self.rollout(batch["prompt_ids"], batch["prompt_text"], self._raw_prompts(batch, train=True))
         roll = ppo_batch.rollout
-        if not self.guard.check(self.global_step, scores=ppo_batch.scores, rewards=ppo_batch.rewards,
-                                advantages=ppo_batch.advantages, values=roll.values):
+        if not self.rollout_is_finite(scores=ppo_batch.scores, rewards=ppo_batch.rewards,
+                                      advantages=ppo_batch.advantages, values=roll.values):
             self.log("numerics/skipped_batches", float(self.guard.skipped_total))
             return  # no update from a poisoned rollout
         rolled = time.perf_counter()
@@ -253,7 +258,8 @@ class PPOStage(OnlineStage):
         updated = time.perf_counter()
         # step 6. bookkeeping: logs (with this rollout's beta), adaptive beta, tripwires
         metrics = self.rollout_metrics(ppo_batch, stats)
-        self.kl_controller.update(ppo_batch.kl.sum(1).mean().item(), n_steps=roll.rows)
+        kl_and_rows = distributed.all_sum(torch.stack([ppo_batch.kl.sum(), torch.tensor(float(roll.rows))]))
+        self.kl_controller.update((kl_and_rows[0] / kl_and_rows[1]).item(), n_steps=int(kl_and_rows[1]))
         self.publish_rollout(metrics, roll, ppo_batch.scores, (started, rolled, updated))
 
     def rollout_metrics(self, batch: PPOBatch, stats: dict[str, float]) -> dict[str, float]:
