@@ -116,3 +116,38 @@ def test_each_rank_steps_with_the_whole_batch_gradient(ranks, aggregation):
     assert whole.abs().sum() > 0
     for out in ranks:
         assert_close(out["gradients"][aggregation], whole, rtol=0, atol=1e-6)
+
+
+def _stage_on(world: int, strategy, syncs_own_gradients: bool, name: str = "raft"):
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(world_size=world, strategy=strategy)
+    return SimpleNamespace(trainer=trainer, syncs_own_gradients=syncs_own_gradients, stage_name=name, seed=3,
+                           sampler=torch.Generator().manual_seed(3))
+
+
+def test_an_online_stage_refuses_several_processes_unless_it_syncs_itself_and_the_strategy_is_ddp():
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from lightrlhf.errors import UserError
+    from lightrlhf.stages.online import OnlineStage
+
+    with pytest.raises(UserError, match=r"^config trainer: stage=raft runs on one process; use trainer=default"):
+        OnlineStage.setup(_stage_on(2, DDPStrategy(), syncs_own_gradients=False), "fit")
+    with pytest.raises(UserError, match=r"stage=ppo runs on several processes with trainer=ddp only .* FSDPStrategy"):
+        OnlineStage.setup(_stage_on(2, FSDPStrategy(), syncs_own_gradients=True, name="ppo"), "fit")
+    alone = _stage_on(1, None, syncs_own_gradients=False)
+    OnlineStage.setup(alone, "fit")  # one process: nothing to check, the sampler keeps its seed
+    assert torch.equal(alone.sampler.get_state(), torch.Generator().manual_seed(3).get_state())
+
+
+def test_a_checkpoint_of_two_ranks_resumes_on_two_ranks_only():
+    from types import SimpleNamespace
+
+    from lightrlhf.errors import UserError
+    from lightrlhf.stages.online import OnlineStage
+
+    state = torch.Generator().manual_seed(5).get_state()
+    stage = SimpleNamespace(scorer=SimpleNamespace(load_state_dict=lambda s: None), sampler=torch.Generator())
+    with pytest.raises(UserError, match=r"written by 2 process\(es\); resume it with trainer.devices=2 \(this run has 1\)"):
+        OnlineStage.load_online_state(stage, {"rollout_count": 3, "sampler": state, "sampler_by_rank": [state, state]})
