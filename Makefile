@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # Progress and log lines reach the terminal (and CI's log) as they happen, not in blocks.
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-fast bench install clean
+.PHONY: demo test test-fast bench bench-peers install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m lightrlhf.bench
+
+# trl's trainers beside ours in one interleaved run (outputs/bench/report.md). The peers' venvs under
+# outputs/peer-envs are made on first use (a few minutes). E.g. make bench-peers RUNS=1 ONLY="sft ppo";
+# BENCH_ARGS passes anything else (--steps-scale 0.1, --keep-contaminated).
+bench-peers: $(STAMP)
+	$(PY) -m lightrlhf.bench.peers setup
+	$(PY) -m lightrlhf.bench --peers $(if $(RUNS),--runs $(RUNS)) $(if $(ONLY),--only $(ONLY)) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

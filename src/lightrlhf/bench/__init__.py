@@ -13,4 +13,7 @@ absolute times on a shared 2-core machine drift from one session to the next.
                   command line of every configuration
     runner.py     idle-gated, contamination-checked subprocess runs
     report.py     medians, ratios, MFU, the markdown table; results.jsonl and report.md
+    peers.py      trl's environments (`python -m lightrlhf.bench.peers setup`) and configurations
+    compare.py    ours beside trl in one interleaved run (`--peers`, `make bench-peers`): ratios
+                  taken round by round between neighbouring runs
 """

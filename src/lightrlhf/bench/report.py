@@ -1,8 +1,10 @@
 """Summaries of the runs: medians over clean runs, ratios, MFU, and the markdown report.
 
-Ratios are of medians. Only ours vs the bare-PyTorch floor is taken within one session; ours vs trl
-uses the figures published in PEERS.md (another session, maybe another host), so it is indicative
-only -- the floor measured here next to the floor published there shows how far the machines differ.
+Ratios are of medians. Ours vs the bare-PyTorch floor is taken within one session. Ours vs trl is
+taken within the session too when trl ran in it (`--peers`, the side-by-side table of `compare.py`);
+otherwise it uses the figures published in PEERS.md (another session, maybe another host), so it is
+indicative only -- the floor measured here next to the floor published there shows how far the
+machines differ.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from lightrlhf.bench.workload import ONLINE, Config
+from lightrlhf.bench.workload import ONLINE, PAIRS, Config
 
 # PEERS.md, "Results" (2026-11-24, median of 3 clean runs) -- quoted, not re-measured here.
 PEER_DATE = "2026-11-24"
@@ -69,10 +71,17 @@ class Summary:
     contaminated: int
     threads: int | None
     extra: dict[str, float]  # medians of other per-run figures (PPO, GRPO, RLOO: rollout_s, update_s)
+    kept: int = 0  # contaminated runs among the `clean` ones (`--keep-contaminated`, smoke runs)
 
 
-def summarise(config: Config, records: list[dict[str, Any]]) -> Summary | None:
-    clean = [r for r in records if r["ok"] and not r["contaminated"]]
+def counted(record: dict[str, Any], keep_contaminated: bool = False) -> bool:
+    """A run the figures use: it finished with a rate, and nobody else used the CPUs (or, in a smoke
+    run on a busy machine, `keep_contaminated`)."""
+    return record["ok"] and (keep_contaminated or not record["contaminated"])
+
+
+def summarise(config: Config, records: list[dict[str, Any]], keep_contaminated: bool = False) -> Summary | None:
+    clean = [r for r in records if counted(r, keep_contaminated)]
     if not clean:
         return None
     rates = [r["result"]["rate"] for r in clean]
@@ -81,53 +90,75 @@ def summarise(config: Config, records: list[dict[str, Any]]) -> Summary | None:
              for k in ("rollout_s", "update_s") if any(k in r["result"] for r in clean)}
     return Summary(config, med(rates), min(rates), max(rates), config.units_per_step / med(rates),
                    med([r["max_rss_mb"] for r in clean]), med([r["wall_s"] for r in clean]), len(clean),
-                   sum(1 for r in records if r["contaminated"]), clean[0]["result"].get("torch_threads"), extra)
+                   sum(1 for r in records if r["contaminated"]), clean[0]["result"].get("torch_threads"), extra,
+                   sum(1 for r in clean if r["contaminated"]))
 
 
-def _n(value: float) -> str:
+def fmt(value: float) -> str:
     if value >= 100:
         return f"{value:,.0f}"
     return f"{value:.2f}" if value < 10 else f"{value:.1f}"
 
 
 def _secondary(s: Summary) -> str:
-    return "; ".join(f"{_n(s.rate * units / s.config.units_per_step)} {label}"
+    return "; ".join(f"{fmt(s.rate * units / s.config.units_per_step)} {label}"
                      for label, units in s.config.secondary.items())
+
+
+def ppo_split(four_epochs: Summary, one_epoch: Summary) -> tuple[float, float]:
+    """(s per PPO epoch, s of rollout) per iteration: t4 - t1 = 3 epochs, t1 = rollout + 1 epoch."""
+    epoch = (four_epochs.s_per_step - one_epoch.s_per_step) / 3
+    return epoch, one_epoch.s_per_step - epoch
 
 
 def mfu(tokens_per_s: float) -> float:
     return tokens_per_s * FLOP_PER_TOKEN / PEAK_FLOPS
 
 
-def markdown(summaries: dict[str, Summary], runs: int, when: str, environment: dict[str, Any]) -> str:
+def markdown(summaries: dict[str, Summary], runs: int, when: str, environment: dict[str, Any],
+             side_by_side: str = "", caveats: tuple[str, ...] = ()) -> str:
+    """The report; `caveats` (a quick or smoke run) in bold under the header, `side_by_side` (ours
+    beside trl, `compare.side_by_side`) after the main table."""
+    # trl ran in this session (`--peers`): PEERS.md's figures, from another run, are left out altogether
+    interleaved = any(peer in summaries for peer in PAIRS.values())
+    published = {} if interleaved else PUBLISHED
+    said = ("lightrlhf and trl ran interleaved in this one run, each trl run next to ours; every ratio in "
+            "this report compares runs of this run only, never figures from another run. " if interleaved else "")
     lines = [f"# lightrlhf benchmark ({when})", "",
              f"Workload: PEERS.md (tiny Llama, 4.19M params; LoRA r=16 on q/k/v/o; fp32; 128-token sequences). "
+             f"{said}"
              f"Median of {runs} clean runs per configuration [min–max]; steady state, first 3 steps dropped. "
              f"torch {environment['torch']}, {environment['threads']} intra-op threads, {environment['cpu']}; "
              f"lightrlhf at {environment['commit']}.", "",
+             *(line for caveat in caveats for line in (f"**{caveat}**", "")),
              "| configuration | steps | throughput (median [min–max]) | s/step | secondary rates | peak RSS | wall |"
              " clean runs |",
              "|---|---|---|---|---|---|---|---|"]
     for s in summaries.values():
         steps = f"{s.config.steps}" + (f" {s.config.step_word}" if s.config.step_word != "steps" else "")
-        flagged = f" (+{s.contaminated} contaminated)" if s.contaminated else ""
+        runs = f"{s.clean}" + (f" (+{s.contaminated} contaminated)" if s.contaminated else "")
+        if s.kept:
+            runs = f"{s.clean - s.kept} + {s.kept} contaminated, kept"
         lines.append(f"| {s.config.title} | {steps} | "
-                     f"**{_n(s.rate)} {s.config.unit}** [{_n(s.low)}–{_n(s.high)}] | {s.s_per_step:.3f} | "
-                     f"{_secondary(s)} | {s.rss_mb:,.0f} MB | {s.wall_s:.1f} s | {s.clean}{flagged} |")
-    for name, p in PUBLISHED.items():
+                     f"**{fmt(s.rate)} {s.config.unit}** [{fmt(s.low)}–{fmt(s.high)}] | {s.s_per_step:.3f} | "
+                     f"{_secondary(s)} | {s.rss_mb:,.0f} MB | {s.wall_s:.1f} s | {runs} |")
+    for name, p in published.items():
         lines.append(f"| *{p.title}: PEERS.md, {PEER_DATE}, not re-measured here* | {p.steps} | "
-                     f"{_n(p.rate)} {p.unit} [{_n(p.low)}–{_n(p.high)}] | {p.s_per_step:.3f} | {p.secondary} | "
+                     f"{fmt(p.rate)} {p.unit} [{fmt(p.low)}–{fmt(p.high)}] | {p.s_per_step:.3f} | {p.secondary} | "
                      f"{p.rss_mb:,.0f} MB | {p.wall_s:.1f} s | 3 |")
+    if side_by_side:
+        lines.append(side_by_side.rstrip("\n"))
     lines += ["", "## Ratios", ""]
+    ratios_start = len(lines)
     sft, floor = summaries.get("sft"), summaries.get("floor")
     if sft and floor:
         lines.append(f"- **SFT vs the bare-PyTorch floor, same session: {sft.rate / floor.rate:.2f}x** the floor's "
                      f"throughput ({sft.s_per_step:.3f} vs {floor.s_per_step:.3f} s/step).")
-    if floor:
+    if floor and published:
         lines.append(f"- Machine drift: the floor measured here runs at {floor.rate / PUBLISHED['floor'].rate:.2f}x "
-                     f"its PEERS.md figure ({_n(floor.rate)} vs {_n(PUBLISHED['floor'].rate)} tokens/s).")
+                     f"its PEERS.md figure ({fmt(floor.rate)} vs {fmt(PUBLISHED['floor'].rate)} tokens/s).")
     cross = [f"{s.config.title} {s.rate / PUBLISHED[name].rate:.2f}x {PUBLISHED[name].title}"
-             for name, s in summaries.items() if s.config.ours and name in PUBLISHED]
+             for name, s in summaries.items() if s.config.ours and name in published]
     if cross:
         lines.append("- Cross-session, indicative only (ours here / trl as published in PEERS.md): "
                      + "; ".join(cross) + ".")
@@ -142,32 +173,39 @@ def markdown(summaries: dict[str, Summary], runs: int, when: str, environment: d
             if targets:
                 lines.append("- Targets (the scaled ratio above): " + "; ".join(targets) + ".")
     for name in (*ONLINE, "dpo"):
-        if name in summaries:
+        if name in summaries and name in published:
             s, p = summaries[name], PUBLISHED[name]
-            lines.append(f"- Peak RSS, {s.config.title}: {s.rss_mb:,.0f} MB at {_n(s.rate)} {s.config.unit} "
-                         f"(trl: {p.rss_mb:,.0f} MB at {_n(p.rate)} {p.unit}, PEERS.md).")
+            lines.append(f"- Peak RSS, {s.config.title}: {s.rss_mb:,.0f} MB at {fmt(s.rate)} {s.config.unit} "
+                         f"(trl: {p.rss_mb:,.0f} MB at {fmt(p.rate)} {p.unit}, PEERS.md).")
     if "ppo" in summaries and "ppo1" in summaries:
-        four, one = summaries["ppo"], summaries["ppo1"]
-        epoch = (four.s_per_step - one.s_per_step) / 3
+        epoch, rollout = ppo_split(summaries["ppo"], summaries["ppo1"])
+        if PAIRS["ppo"] in summaries and PAIRS["ppo1"] in summaries:
+            peer_epoch, peer_rollout = ppo_split(summaries[PAIRS["ppo"]], summaries[PAIRS["ppo1"]])
+            theirs = f"trl, same derivation in this run: {peer_epoch:.2f} s and {peer_rollout:.2f} s"
+        else:
+            theirs = "trl, same derivation on the PEERS.md machine: 0.56 s and 1.7 s"
         lines.append(f"- PPO, derived as in PEERS.md from the 4- and 1-epoch runs: about {epoch:.2f} s per PPO "
-                     f"epoch and {one.s_per_step - epoch:.2f} s of rollout (64-token sampling for 16 prompts + "
-                     f"scoring) per iteration (trl, same derivation on its machine: 0.56 s and 1.7 s).")
+                     f"epoch and {rollout:.2f} s of rollout (64-token sampling for 16 prompts + "
+                     f"scoring) per iteration ({theirs}).")
     for name in ONLINE:
         s = summaries.get(name)
         if s and {"rollout_s", "update_s"} <= set(s.extra):
             lines.append(f"- {s.config.title}, as the stage logs it (`time/rollout_s`, `time/update_s`): "
                          f"{s.extra['rollout_s']:.2f} s rollout + {s.extra['update_s']:.2f} s update per iteration.")
+    if len(lines) == ratios_start:
+        del lines[-3:]  # nothing to say under the heading
     if sft or floor:
         lines += ["", "## MFU (SFT)", "",
                   f"Assumption (PEERS.md): {FLOP_PER_TOKEN / 1e6:.1f} MFLOP per token for LoRA training of this model "
                   f"(frozen base: no weight gradients), peak {PEAK_FLOPS / 1e9:.1f} GFLOP/s (fp32 2048² matmul, "
                   "2 threads, measured on the PEERS.md machine, not here).", ""]
-        for s in (sft, floor):
+        for s in (sft, summaries.get(PAIRS["sft"]), floor):
             if s:
                 lines.append(f"- {s.config.title}: {s.rate * FLOP_PER_TOKEN / 1e9:.1f} GFLOP/s = "
                              f"**{mfu(s.rate):.0%}** of peak")
-        lines.append(f"- trl SFT (PEERS.md): {mfu(PUBLISHED['sft'].rate):.0%}; floor (PEERS.md): "
-                     f"{mfu(PUBLISHED['floor'].rate):.0%}")
+        if not interleaved:
+            lines.append(f"- trl SFT (PEERS.md): {mfu(PUBLISHED['sft'].rate):.0%}; floor (PEERS.md): "
+                         f"{mfu(PUBLISHED['floor'].rate):.0%}")
     return "\n".join(lines) + "\n"
 
 

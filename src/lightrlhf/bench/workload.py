@@ -37,6 +37,9 @@ PROMPT_TOKENS, SEQUENCE_TOKENS, NEW_TOKENS, BATCH = 64, 128, 64, 16
 GROUP = 4  # GRPO/RLOO: responses per prompt (trl's num_generations)
 LORA_TARGETS = "[q_proj,k_proj,v_proj,o_proj]"
 ONLINE = ("ppo", "ppo1", "grpo", "rloo")  # sample, score and log time/rollout_s, time/update_s
+# Each of our configurations and the trl peer that runs the same workload (`bench.peers`).
+PAIRS = {"sft": "trl_sft", "rm": "trl_reward", "ppo": "trl_ppo", "ppo1": "trl_ppo1", "dpo": "trl_dpo",
+         "grpo": "trl_grpo", "rloo": "trl_rloo"}
 # The peers train on the files as they are: no cleaning step may change a token of the workload (the
 # default whitespace step would strip the prompts' leading space and shorten every sequence).
 NO_CLEANING = {"unicode": None, "control_chars": False, "whitespace": False, "drop_duplicates": False}
@@ -183,7 +186,9 @@ class Config:
     step_word: str = "steps"
     secondary: dict[str, float] = field(default_factory=dict)  # label -> units per step
     overrides: tuple[str, ...] = ()  # train.py overrides (ours)
-    script: str | None = None  # a peer script instead of train.py (the floor)
+    script: str | None = None  # a peer-bench script instead of train.py (the floor, trl's trainers)
+    script_args: tuple[str, ...] = ()  # the script's own options, e.g. trl_ppo.py's --ppo-epochs
+    python: str | None = None  # the script's interpreter (trl's: its `bench.peers` venv); None: this one
 
     @property
     def ours(self) -> bool:
@@ -191,8 +196,8 @@ class Config:
 
     def argv(self, run_dir: Path, assets: Path) -> list[str]:
         if not self.ours:
-            return [sys.executable, self.script, "--assets", str(assets), "--out", str(run_dir / "out"),
-                    "--steps", str(self.steps)]
+            return [self.python or sys.executable, self.script, "--assets", str(assets), "--out",
+                    str(run_dir / "out"), "--steps", str(self.steps), *self.script_args]
         timer = ["+callbacks.timer._target_=lightrlhf.callbacks.timing.StepTimer",
                  f"+callbacks.timer.path={run_dir / 'timer.json'}",
                  f"+callbacks.timer.units_per_step={self.units_per_step:g}", f"+callbacks.timer.unit={self.unit}"]
@@ -292,7 +297,7 @@ def read_result(config: Config, run_dir: Path, log_text: str) -> dict[str, Any] 
         res = json.loads(lines[-1][len("BENCH_RESULT "):])
         return {"rate": res["throughput"], "seconds_per_step": res.get("sec_per_step_steady"),
                 "steps": res.get("steps"), "torch_threads": res.get("torch_threads"),
-                "final_loss": res.get("final_loss")}
+                "final_loss": res.get("final_loss"), "versions": res.get("versions")}
     timer_file = run_dir / "timer.json"
     if not timer_file.is_file():
         return None

@@ -1,0 +1,79 @@
+"""lightrlhf beside trl, both measured in one interleaved run: the side-by-side table of the report.
+
+The machine's speed drifts by up to 20% within an hour (PEERS.md), so a ratio of two medians taken
+minutes apart carries that drift. Each round runs our configuration and trl's next to each other;
+the ratio is taken within a round, ours_k / trl_k, and the median over rounds is reported, so a slow
+stretch of the session slows both sides of the ratios it touches.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+from lightrlhf.bench.report import Summary, counted, fmt
+from lightrlhf.bench.workload import PAIRS
+
+
+@dataclass(frozen=True)
+class Pair:
+    stage: str  # our configuration's name
+    ours: Summary
+    peer: Summary
+    ratios: list[float]  # ours / trl in each round where both have a counted run, round order
+
+
+def rates_by_round(records: list[dict[str, Any]], keep_contaminated: bool = False) -> dict[int, float]:
+    """{round: rate} of the counted runs (a round's last one, if a run was repeated in it)."""
+    return {r["round"]: r["result"]["rate"] for r in records if counted(r, keep_contaminated) and "round" in r}
+
+
+def per_round_ratios(numerator: list[dict[str, Any]], denominator: list[dict[str, Any]],
+                     keep_contaminated: bool = False) -> list[float]:
+    """rate_num(k) / rate_den(k) for every round k with a counted run of both, in round order."""
+    top, bottom = rates_by_round(numerator, keep_contaminated), rates_by_round(denominator, keep_contaminated)
+    return [top[k] / bottom[k] for k in sorted(top.keys() & bottom.keys())]
+
+
+def pairs(summaries: dict[str, Summary], records: dict[str, list[dict[str, Any]]],
+          keep_contaminated: bool = False) -> list[Pair]:
+    return [Pair(stage, summaries[stage], summaries[peer],
+                 per_round_ratios(records[stage], records[peer], keep_contaminated))
+            for stage, peer in PAIRS.items() if stage in summaries and peer in summaries]
+
+
+def _ratio(values: list[float]) -> str:
+    if not values:
+        return "— (no round with both)"
+    spread = f" [{min(values):.2f}–{max(values):.2f}]" if len(values) > 1 else ""
+    return f"**{statistics.median(values):.2f}x**{spread}"
+
+
+def side_by_side(matched: list[Pair], records: dict[str, list[dict[str, Any]]],
+                 keep_contaminated: bool = False) -> str:
+    """The markdown section: each stage's two medians, the median per-round ratio, peak RSS beside."""
+    lines = ["", "## lightrlhf vs trl, interleaved in this run", "",
+             "Throughput ratio: lightrlhf / trl within each round (the two runs are neighbours), median over "
+             "rounds [min–max]. Peak RSS: ratio of the medians. Threads: torch's intra-op threads (ours follows "
+             "the machine's free CPUs, README \"Threads\"; trl takes torch's default, all cores), equal on an idle "
+             "machine. Nothing here is compared with another run.", "",
+             "| stage | unit | lightrlhf (median [min–max]) | trl (median [min–max]) | lightrlhf / trl | rounds |"
+             " peak RSS lightrlhf | peak RSS trl | RSS lightrlhf / trl | threads lightrlhf / trl |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in matched:
+        ours, peer = p.ours, p.peer
+        lines.append(f"| {ours.config.title} vs {peer.config.title} | {ours.config.unit} | "
+                     f"{fmt(ours.rate)} [{fmt(ours.low)}–{fmt(ours.high)}] | "
+                     f"{fmt(peer.rate)} [{fmt(peer.low)}–{fmt(peer.high)}] | {_ratio(p.ratios)} | {len(p.ratios)} | "
+                     f"{ours.rss_mb:,.0f} MB | {peer.rss_mb:,.0f} MB | {ours.rss_mb / peer.rss_mb:.2f}x | "
+                     f"{ours.threads or '?'} / {peer.threads or '?'} |")
+    floor = records.get("floor")
+    if floor:
+        against = [(name, per_round_ratios(records[name], floor, keep_contaminated))
+                   for name in ("sft", "trl_sft") if records.get(name)]
+        said = [f"{'lightrlhf' if name == 'sft' else 'trl'} SFT {_ratio(ratios)}" for name, ratios in against]
+        if said:
+            lines += ["", "- SFT vs the bare-PyTorch floor, within each round (median [min–max]): "
+                      + "; ".join(said) + "."]
+    return "\n".join(lines) + "\n"
