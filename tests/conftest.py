@@ -189,8 +189,11 @@ def _fork_server(env: dict) -> _ForkServer | None:
         log = Path(os.environ.get("LIGHTRLHF_CACHE_DIR", ROOT)) / f"forkserver-{os.getpid()}.log"
         _server = _ForkServer({**os.environ, "OMP_NUM_THREADS": "1"}, log)
     # may differ: set by pytest for each test (no run reads it); a DDP test's rendezvous port (read when
-    # the processes meet, long after the imports)
-    late = ("PYTEST_CURRENT_TEST", "MASTER_PORT")
+    # the processes meet, long after the imports); set in this process by an in-process run's
+    # seed_everything and Lightning's import (read by a run, never by the server's imports; the child
+    # gets the request's environment, as a subprocess would)
+    late = ("PYTEST_CURRENT_TEST", "MASTER_PORT", "PL_GLOBAL_SEED", "PL_SEED_WORKERS",
+            "PYTORCH_NVML_BASED_CUDA_CHECK", "TORCHINDUCTOR_CACHE_DIR")
     same = all(_server.env.get(k) == env.get(k) for k in set(_server.env) | set(env) if k not in late)
     return _server if same and _server.process.poll() is None else None
 

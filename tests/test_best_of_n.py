@@ -85,9 +85,15 @@ def test_bad_input_is_one_line(exports, tmp_path, override, message):
 
 
 def test_resume_is_refused(exports, tmp_path):
+    from conftest import SMALL_DEMO, run_in_process
+
+    # the cheapest run that leaves a finished run directory (the CLI's runs are tested above): one draw
+    # pair of one token for one prompt, in this process; the refusal below is the real CLI's
     run_dir = tmp_path / "bon"
-    first = train_cli(_exports_overrides(exports) + SMALL + ["stage.n=[1]", f"hydra.run.dir={run_dir}"])
-    assert first.returncode == 0, first.stderr[-3000:]
+    run_in_process(_exports_overrides(exports) + SMALL_DEMO + [
+        "stage.n_max=1", "stage.n=[1]", "stage.num_prompts=1", "stage.batch_size=1",
+        "stage.generation.max_new_tokens=1"], run_dir)
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"
     again = train_cli([f"resume={run_dir}"])
     assert again.returncode == 2
     assert again.stderr.strip().splitlines()[-1].startswith("error: config resume: stage=best_of_n trains nothing")

@@ -8,7 +8,7 @@ import math
 import re
 
 import pytest
-from conftest import CONF, compose
+from conftest import CONF, SMALL_DEMO, compose
 
 from lightrlhf.errors import ConfigError
 from lightrlhf.launch.pipeline import PipelineSpec, Step, compose_step, run_pipeline
@@ -190,12 +190,19 @@ def test_a_seeded_step_cannot_read_another_seeded_steps_directory():
     assert [s.name for s in spec.steps] == ["sft_seed0", "dpo"]
 
 
-# two seeded SFT steps side by side (pipeline.parallel=2) after an unseeded one; 1 checkpoint every 5 steps
-PARALLEL = ["~experiment", "stage=pipeline", "pipeline.parallel=2",
+def _parallel(seeds: str) -> list[str]:
+    """Seeded SFT steps side by side (pipeline.parallel=2) after an unseeded one; 1 checkpoint every 5 steps.
+    The small demo files: the subject is the machinery (stopping, resuming, failing), not what is learned.
+    80 steps: the seed that starts first must still be training when the other has saved its first
+    checkpoint (the test's SIGTERM then comes); measured on 2 busy cores, it was about 22 steps in."""
+    return ["~experiment", "stage=pipeline", "pipeline.parallel=2", *SMALL_DEMO,
             '+pipeline.steps=[{name: base, overrides: ["stage=sft", "trainer.max_steps=4", "stage.eval.num_prompts=8"]},'
-            ' {name: sft, seeds: [0, 1], overrides: ["stage=sft", "model.name_or_path={base}/export",'
-            ' "trainer.max_steps=150", "trainer.val_check_interval=150", "stage.eval.num_prompts=8",'
+            f' {{name: sft, seeds: {seeds}, overrides: ["stage=sft", "model.name_or_path={{base}}/export",'
+            ' "trainer.max_steps=80", "trainer.val_check_interval=80", "stage.eval.num_prompts=8",'
             ' "callbacks.checkpoint.every_n_steps=5"]}]']
+
+
+PARALLEL = _parallel("[0, 1]")
 
 
 @pytest.mark.slow
@@ -203,15 +210,12 @@ def test_parallel_steps_stop_on_sigterm_with_checkpoints_and_the_pipeline_resume
     """SIGTERM to the pipeline while its seeded steps run as processes: each step saves a checkpoint
     and stops, the pipeline exits 143 pointing at resume=<its dir>; resumed, it finishes both seeds."""
     import signal
-    import subprocess
-    import sys
     import time
 
-    from conftest import ROOT, train_cli
+    from conftest import start_train, train_cli
 
     run_dir = tmp_path / "pipe"
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *PARALLEL, f"hydra.run.dir={run_dir}"],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_train([*PARALLEL, f"hydra.run.dir={run_dir}"])  # the real train.py, a process of its own
     deadline = time.monotonic() + 400
     seeds = [run_dir / f"sft_seed{s}" for s in (0, 1)]
     while not all(list((d / "checkpoints").glob("*.ckpt")) if d.exists() else False for d in seeds):
@@ -229,7 +233,7 @@ def test_parallel_steps_stop_on_sigterm_with_checkpoints_and_the_pipeline_resume
     assert "pipeline step base already finished" in resumed.stdout
     for seed, directory in enumerate(seeds):
         record = json.loads((directory / "metrics.json").read_text())
-        assert record["status"] == "completed" and record["global_step"] == 150
+        assert record["status"] == "completed" and record["global_step"] == 80
         assert json.loads((directory / "run.json").read_text())["launches"] == 2
         assert f"seed={seed}" in " ".join(json.loads((directory / "run.json").read_text())["overrides"])
     assert "pipeline step sft_seed0 (resuming): started as process" in resumed.stdout
@@ -240,7 +244,8 @@ def test_a_failing_parallel_step_is_one_line_with_its_exit_status(tmp_path):
     from conftest import train_cli
 
     run_dir = tmp_path / "pipe"
-    failed = train_cli(PARALLEL + ['+pipeline.extra.sft=["stage.optim.lr=-1"]', f"hydra.run.dir={run_dir}"])
+    # one seeded step: a step process that fails is the subject, and each costs a Python start-up
+    failed = train_cli(_parallel("[0]") + ['+pipeline.extra.sft=["stage.optim.lr=-1"]', f"hydra.run.dir={run_dir}"])
     assert failed.returncode == 2, failed.stderr[-3000:]
     last = failed.stderr.strip().splitlines()[-1]
     match = re.fullmatch(r"error: pipeline step (sft_seed[01]) failed \(exit 2\): error: config stage\.optim\.lr: (.*) "

@@ -221,11 +221,15 @@ def test_the_command_writes_the_report_and_refuses_bad_input_in_one_line(tmp_pat
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: config data.clean.num_perm: must be a power of two")
 
+    # a broken file: the same one line from the same place in the command (the UserError of building the
+    # report, whose exit status 2 the run above shows), here without another process start-up
+    from lightrlhf.errors import UserError
+
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a"\n')
-    done = run_report(["data=jsonl", f"data.path={broken}"], tmp_path)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {broken}:2: invalid JSON")
+    with pytest.raises(UserError) as error:
+        build_report(DataSource(path=str(broken), max_length=64, max_prompt_length=16), WordTokenizer(), ReportSpec())
+    assert str(error.value).startswith(f"{broken}:2: invalid JSON") and "\n" not in str(error.value)
 
 
 def test_every_stage_logs_the_same_figures_in_its_data_summary(tiny_tokenizer):

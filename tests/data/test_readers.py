@@ -195,9 +195,18 @@ def test_errors_are_data_errors_with_path_and_line(tmp_path):
 
 
 def test_a_hub_dataset_that_cannot_be_loaded_is_one_line_naming_it(tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path))
+    # The libraries read those variables once, when imported: in a test worker that imported them earlier
+    # (transformers does) only these take effect. Online, the load would retry the unreachable hub for ~20 s.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)
     monkeypatch.chdir(tmp_path)  # so "owner/name" is not a local path
     message = error_of("lightrlhf-test/no-such-dataset:default")
     assert message.startswith(
