@@ -122,7 +122,8 @@ def _stage_on(world: int, strategy, syncs_own_gradients: bool, name: str = "raft
     from types import SimpleNamespace
 
     trainer = SimpleNamespace(world_size=world, strategy=strategy)
-    return SimpleNamespace(trainer=trainer, syncs_own_gradients=syncs_own_gradients, stage_name=name, seed=3,
+    return SimpleNamespace(trainer=trainer, syncs_own_gradients=syncs_own_gradients,
+                           one_process_only=not syncs_own_gradients, stage_name=name, seed=3,
                            sampler=torch.Generator().manual_seed(3))
 
 
@@ -139,6 +140,25 @@ def test_an_online_stage_refuses_several_processes_unless_it_syncs_itself_and_th
     alone = _stage_on(1, None, syncs_own_gradients=False)
     OnlineStage.setup(alone, "fit")  # one process: nothing to check, the sampler keeps its seed
     assert torch.equal(alone.sampler.get_state(), torch.Generator().manual_seed(3).get_state())
+
+
+@pytest.mark.parametrize("module, name", [("pbrl", "PbRLStage"), ("masked_reward_weighted", "MaskedRewardWeightedStage"),
+                                          ("reward_weighted", "RewardWeightedStage")])
+def test_stages_with_several_backward_passes_a_step_refuse_several_processes(module, name):
+    import importlib
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lightrlhf.errors import UserError
+
+    cls = getattr(importlib.import_module(f"lightrlhf.stages.{module}"), name)
+    assert cls.one_process_only and not cls.syncs_own_gradients
+    stage = _stage_on(2, DDPStrategy(), syncs_own_gradients=False, name=cls.stage_name)
+    with pytest.raises(UserError, match=rf"^config trainer: stage={cls.stage_name} runs on one process"):
+        cls.setup(stage, "fit")
+    for online in ("ppo.PPOStage", "grpo.GRPOStage"):
+        module_name, class_name = online.split(".")
+        assert not getattr(importlib.import_module(f"lightrlhf.stages.{module_name}"), class_name).one_process_only
 
 
 def test_a_checkpoint_of_two_ranks_resumes_on_two_ranks_only():

@@ -76,6 +76,9 @@ class StageModule(L.LightningModule):
     # takes its statistics over every rank's rows (the online stages that run on several processes:
     # training/distributed.py); the others leave the sync to Lightning's DDP wrapper
     syncs_own_gradients: ClassVar[bool] = False
+    # the stage makes several backward passes per optimizer step through parts of the weights, which
+    # Lightning's DDP reducer does not allow, and it does not sync itself: it refuses trainer=ddp
+    one_process_only: ClassVar[bool] = False
 
     def __init__(self, optim: OptimizerSpec, scheduler: SchedulerSpec, max_grad_norm: float | None,
                  numerics: NumericsSpec | None) -> None:
@@ -90,6 +93,13 @@ class StageModule(L.LightningModule):
             warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
         self.strict_loading = False  # checkpoints hold only the trainable weights, on purpose
         self.last_validated_step = -1
+
+    def setup(self, stage: str) -> None:
+        if self.one_process_only and self.trainer is not None and self.trainer.world_size > 1:
+            from lightrlhf.errors import UserError
+
+            raise UserError(f"config trainer: stage={self.stage_name} runs on one process; use trainer=default or "
+                            "trainer=gpu (stage=ppo, grpo and rloo run under trainer=ddp)")
 
     # -- what trains ---------------------------------------------------------------------------
     def trainable_parameter_names(self) -> list[str]:

@@ -41,6 +41,7 @@ class OnlineStage(StageModule):
     """Base of the online stages (see module docstring)."""
 
     rollout_group_size = 1  # responses per prompt in a rollout batch (GRPO, RLOO: k)
+    one_process_only = True  # unless the subclass syncs its own gradients (PPO, GRPO, RLOO)
 
     def _init_online(self, model: ActorCritic, datamodule: PromptDataModule, reward: RewardSpec,
                      generation: GenerationSpec | None, eval: EvalSpec | None, alerts: AlertSpec | None,
@@ -68,9 +69,7 @@ class OnlineStage(StageModule):
         from lightrlhf.errors import UserError
 
         strategy = self.trainer.strategy
-        if not self.syncs_own_gradients:
-            raise UserError(f"config trainer: stage={self.stage_name} runs on one process; use trainer=default or "
-                            "trainer=gpu (stage=ppo, grpo and rloo run under trainer=ddp)")
+        StageModule.setup(self, stage)  # refuses a stage that runs on one process only
         if not isinstance(strategy, DDPStrategy) or isinstance(strategy, DeepSpeedStrategy):
             raise UserError(f"config trainer: stage={self.stage_name} runs on several processes with trainer=ddp "
                             f"only (each rank rolls out its own prompts), not {type(strategy).__name__}")

@@ -135,6 +135,7 @@ class PPOStage(OnlineStage):
     default_metric = "eval/reward"
     stage_name = "ppo"
     syncs_own_gradients = True  # runs under trainer=ddp (training/distributed.py)
+    one_process_only = False
 
     def __init__(self, model: ActorCritic, datamodule: PromptDataModule, reward: RewardSpec,
                  optim: OptimizerSpec = OptimizerSpec(lr=5e-4),
