@@ -118,12 +118,11 @@ def test_each_rank_steps_with_the_whole_batch_gradient(ranks, aggregation):
         assert_close(out["gradients"][aggregation], whole, rtol=0, atol=1e-6)
 
 
-def _stage_on(world: int, strategy, syncs_own_gradients: bool, name: str = "raft"):
+def _stage_on(world: int, strategy, data_parallel: str, name: str = "raft"):
     from types import SimpleNamespace
 
     trainer = SimpleNamespace(world_size=world, strategy=strategy)
-    return SimpleNamespace(trainer=trainer, syncs_own_gradients=syncs_own_gradients,
-                           one_process_only=not syncs_own_gradients, stage_name=name, seed=3,
+    return SimpleNamespace(trainer=trainer, data_parallel=data_parallel, stage_name=name, seed=3,
                            sampler=torch.Generator().manual_seed(3))
 
 
@@ -134,10 +133,10 @@ def test_an_online_stage_refuses_several_processes_unless_it_syncs_itself_and_th
     from lightrlhf.stages.online import OnlineStage
 
     with pytest.raises(UserError, match=r"^config trainer: stage=raft runs on one process; use trainer=default"):
-        OnlineStage.setup(_stage_on(2, DDPStrategy(), syncs_own_gradients=False), "fit")
+        OnlineStage.setup(_stage_on(2, DDPStrategy(), data_parallel="none"), "fit")
     with pytest.raises(UserError, match=r"stage=ppo runs on several processes with trainer=ddp only .* FSDPStrategy"):
-        OnlineStage.setup(_stage_on(2, FSDPStrategy(), syncs_own_gradients=True, name="ppo"), "fit")
-    alone = _stage_on(1, None, syncs_own_gradients=False)
+        OnlineStage.setup(_stage_on(2, FSDPStrategy(), data_parallel="stage", name="ppo"), "fit")
+    alone = _stage_on(1, None, data_parallel="none")
     OnlineStage.setup(alone, "fit")  # one process: nothing to check, the sampler keeps its seed
     assert torch.equal(alone.sampler.get_state(), torch.Generator().manual_seed(3).get_state())
 
@@ -152,13 +151,13 @@ def test_stages_with_several_backward_passes_a_step_refuse_several_processes(mod
     from lightrlhf.errors import UserError
 
     cls = getattr(importlib.import_module(f"lightrlhf.stages.{module}"), name)
-    assert cls.one_process_only and not cls.syncs_own_gradients
-    stage = _stage_on(2, DDPStrategy(), syncs_own_gradients=False, name=cls.stage_name)
+    assert cls.data_parallel == "none"
+    stage = _stage_on(2, DDPStrategy(), data_parallel="none", name=cls.stage_name)
     with pytest.raises(UserError, match=rf"^config trainer: stage={cls.stage_name} runs on one process"):
         cls.setup(stage, "fit")
     for online in ("ppo.PPOStage", "grpo.GRPOStage"):
         module_name, class_name = online.split(".")
-        assert not getattr(importlib.import_module(f"lightrlhf.stages.{module_name}"), class_name).one_process_only
+        assert getattr(importlib.import_module(f"lightrlhf.stages.{module_name}"), class_name).data_parallel == "stage"
 
 
 def test_a_checkpoint_of_two_ranks_resumes_on_two_ranks_only():

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import lightning as L
 import torch
@@ -72,13 +72,13 @@ class StageModule(L.LightningModule):
 
     default_metric: ClassVar[str | None] = None
     stage_name: ClassVar[str] = "stage"
-    # under trainer=ddp the stage sums its gradients over the ranks itself, once per optimizer step, and
-    # takes its statistics over every rank's rows (the online stages that run on several processes:
-    # training/distributed.py); the others leave the sync to Lightning's DDP wrapper
-    syncs_own_gradients: ClassVar[bool] = False
-    # the stage makes several backward passes per optimizer step through parts of the weights, which
-    # Lightning's DDP reducer does not allow, and it does not sync itself: it refuses trainer=ddp
-    one_process_only: ClassVar[bool] = False
+    # how the stage runs on several processes (trainer=ddp):
+    #   lightning  Lightning's DDP wrapper syncs the gradients (one backward pass a step: SFT, RM, DPO)
+    #   stage      the stage sums its gradients over the ranks itself, once per optimizer step, and takes
+    #              its statistics over every rank's rows (PPO, GRPO, RLOO: training/distributed.py)
+    #   none       one process only: several backward passes a step, each through part of the weights,
+    #              which Lightning's DDP reducer does not allow; trainer=ddp is refused in one line
+    data_parallel: ClassVar[Literal["lightning", "stage", "none"]] = "lightning"
 
     def __init__(self, optim: OptimizerSpec, scheduler: SchedulerSpec, max_grad_norm: float | None,
                  numerics: NumericsSpec | None) -> None:
@@ -95,11 +95,27 @@ class StageModule(L.LightningModule):
         self.last_validated_step = -1
 
     def setup(self, stage: str) -> None:
-        if self.one_process_only and self.trainer is not None and self.trainer.world_size > 1:
-            from lightrlhf.errors import UserError
+        if self.data_parallel == "lightning" or self.trainer is None or self.trainer.world_size == 1:
+            return
+        from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
+        from lightrlhf.errors import UserError
+
+        if self.data_parallel == "none":
             raise UserError(f"config trainer: stage={self.stage_name} runs on one process; use trainer=default or "
                             "trainer=gpu (stage=ppo, grpo and rloo run under trainer=ddp)")
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, DDPStrategy) or isinstance(strategy, DeepSpeedStrategy):
+            raise UserError(f"config trainer: stage={self.stage_name} runs on several processes with trainer=ddp "
+                            f"only (each rank rolls out its own prompts), not {type(strategy).__name__}")
+
+    def manual_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        if self.data_parallel == "stage" and distributed.world_size() > 1:
+            # the DDP wrapper's reducer stays out of every backward: the stage sums the gradients over
+            # ranks itself, once per optimizer step (`minibatch_step`)
+            with self.trainer.strategy.block_backward_sync():
+                return super().manual_backward(loss, *args, **kwargs)
+        return super().manual_backward(loss, *args, **kwargs)
 
     # -- what trains ---------------------------------------------------------------------------
     def trainable_parameter_names(self) -> list[str]:
@@ -127,7 +143,7 @@ class StageModule(L.LightningModule):
 
         Under trainer=ddp (the online stages) the gradients are first summed over the ranks, whose losses
         were divided by the global minibatch's count (training/distributed.py)."""
-        if self.syncs_own_gradients:
+        if self.data_parallel == "stage":
             distributed.sum_gradients(params)
         grad_norm = gradient_norm(params)
         if not self.guard.check(self.global_step, loss=losses, gradient_norm=grad_norm):

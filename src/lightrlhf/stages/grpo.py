@@ -150,8 +150,7 @@ def check_group_minibatches(batch_size: int, group: GroupSpec) -> None:
 
 class GRPOStage(OnlineStage):
     default_metric = "eval/reward"
-    syncs_own_gradients = True  # runs under trainer=ddp: a group never spans ranks (training/distributed.py)
-    one_process_only = False
+    data_parallel = "stage"  # runs under trainer=ddp: a group never spans ranks (training/distributed.py)
 
     def __init__(self, model: ActorCritic, datamodule: PromptDataModule, reward: RewardSpec, group: GroupSpec,
                  optim: OptimizerSpec = OptimizerSpec(lr=5e-4),

@@ -131,7 +131,7 @@ class Infills:
 class MaskedRewardWeightedStage(StageModule):
     default_metric = "eval/reward"
     stage_name = "reward_weighted_mlm"
-    one_process_only = True  # several backward passes a step (StageModule.one_process_only)
+    data_parallel = "none"  # several backward passes a step (StageModule.data_parallel)
 
     def __init__(self, model: MaskedLM, datamodule: PromptDataModule, reward: RewardSpec, weighting: WeightingSpec,
                  likelihood: Literal["elbo", "one_step"] = "elbo", generation: MaskPredictSpec | None = None,

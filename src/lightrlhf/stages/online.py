@@ -41,7 +41,7 @@ class OnlineStage(StageModule):
     """Base of the online stages (see module docstring)."""
 
     rollout_group_size = 1  # responses per prompt in a rollout batch (GRPO, RLOO: k)
-    one_process_only = True  # unless the subclass syncs its own gradients (PPO, GRPO, RLOO)
+    data_parallel = "none"  # unless the method syncs itself (PPO, GRPO, RLOO: "stage")
 
     def _init_online(self, model: ActorCritic, datamodule: PromptDataModule, reward: RewardSpec,
                      generation: GenerationSpec | None, eval: EvalSpec | None, alerts: AlertSpec | None,
@@ -62,27 +62,10 @@ class OnlineStage(StageModule):
         self._eval_rows: list[dict[str, Any]] = []
 
     def setup(self, stage: str) -> None:
-        if self.trainer is None or self.trainer.world_size == 1:
-            return
-        from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
-
-        from lightrlhf.errors import UserError
-
-        strategy = self.trainer.strategy
-        StageModule.setup(self, stage)  # refuses a stage that runs on one process only
-        if not isinstance(strategy, DDPStrategy) or isinstance(strategy, DeepSpeedStrategy):
-            raise UserError(f"config trainer: stage={self.stage_name} runs on several processes with trainer=ddp "
-                            f"only (each rank rolls out its own prompts), not {type(strategy).__name__}")
-        # each rank samples its own responses: the same seed would correlate the ranks' draws
-        self.sampler.manual_seed(self.seed + 1_000_003 * distributed.rank())
-
-    def manual_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        if self.syncs_own_gradients and distributed.world_size() > 1:
-            # the DDP wrapper's reducer stays out of every backward: the stage sums the gradients over
-            # ranks itself, once per optimizer step (training/distributed.py)
-            with self.trainer.strategy.block_backward_sync():
-                return super().manual_backward(loss, *args, **kwargs)
-        return super().manual_backward(loss, *args, **kwargs)
+        StageModule.setup(self, stage)  # refuses what cannot run on these processes
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # each rank samples its own responses: the same seed would correlate the ranks' draws
+            self.sampler.manual_seed(self.seed + 1_000_003 * distributed.rank())
 
     def train(self, mode: bool = True) -> OnlineStage:
         super().train(mode)

@@ -228,7 +228,7 @@ class LabelBuffer:
 class PbRLStage(StageModule):
     default_metric = "eval/true_return"
     stage_name = "pbrl"
-    one_process_only = True  # several backward passes a step (StageModule.one_process_only)
+    data_parallel = "none"  # several backward passes a step (StageModule.data_parallel)
 
     def __init__(self, env: EnvSpec, teachers: dict[str, TeacherSpec], reward: str | bool = "learned",
                  teacher: str = "oracle", human: Any = None,

@@ -134,8 +134,7 @@ def check_minibatches(batch_size: int, ppo: PPOSpec) -> None:
 class PPOStage(OnlineStage):
     default_metric = "eval/reward"
     stage_name = "ppo"
-    syncs_own_gradients = True  # runs under trainer=ddp (training/distributed.py)
-    one_process_only = False
+    data_parallel = "stage"  # runs under trainer=ddp (training/distributed.py)
 
     def __init__(self, model: ActorCritic, datamodule: PromptDataModule, reward: RewardSpec,
                  optim: OptimizerSpec = OptimizerSpec(lr=5e-4),
