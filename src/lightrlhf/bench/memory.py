@@ -27,6 +27,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from lightrlhf.bench.peers import peer_configurations
 from lightrlhf.bench.runner import run_timed, wait_until_idle
 from lightrlhf.bench.workload import (
     ASSETS,
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not Path(args.peer_python).is_file():
             raise BenchError(f"--peer-python {args.peer_python}: no such interpreter (make bench-peers creates it)")
-        peer_bench = require_peer_bench("the memory benchmark")
+        require_peer_bench("the memory benchmark")
         ensure_assets()
         assets = build_sized_assets()
         reward_export = ensure_reward_export(assets)
@@ -116,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     # the peak comes in the first rollout; a few suffice (the throughput benchmark's minimum is 5)
     ours = replace(ppo, steps=args.rollouts, overrides=tuple(
         f"stage.rollouts={args.rollouts}" if o.startswith("stage.rollouts=") else o for o in ppo.overrides))
-    # the peer's script as the benchmark runs it, on the sized assets
-    peer = [args.peer_python, str(peer_bench / "trl_ppo.py"), "--assets", str(assets), "--steps", str(args.rollouts),
-            "--warmup", "1"]
+    # trl's run of that configuration, as `make bench-peers` runs it, with the given interpreter; one
+    # warm-up step (the rate is not what this measures, and the script's default would exceed a few rollouts)
+    trl = peer_configurations({"ppo": ours})["trl_ppo"]
+    peer = replace(trl, python=args.peer_python, script_args=(*trl.script_args, "--warmup", "1"))
     MEMORY_OUT.mkdir(parents=True, exist_ok=True)
     records = []
     for run in range(args.runs):
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = MEMORY_OUT / "runs" / f"{side}-{run}-{int(time.time())}"
             run_dir.mkdir(parents=True)
             wait_until_idle(max_wait=args.max_wait)
-            command = peer + ["--out", str(run_dir / "out")] if side == "trl" else ours.argv(run_dir, assets)
+            command = (peer if side == "trl" else ours).argv(run_dir, assets)
             measured = run_timed(command, run_dir / "log.txt", cwd=ROOT)
             record = {"side": side, "run": run, "rc": measured.rc, "max_rss_mb": measured.max_rss_mb,
                       "wall_s": measured.wall_s, "foreign_cpu_share": measured.foreign_cpu_share, "log": str(run_dir)}
