@@ -136,6 +136,42 @@ def test_the_active_report_weights_batch_figures_by_batch_size(tmp_path):
     assert "disagreement beats random in 1/1 seeds" in lines
 
 
+def test_the_heldout_pool_is_sampled_once_and_scored_by_every_reward_model():
+    steps = active(seeds=[0, 1], batches=2, heldout=["stage=sample_pairs", "data.path.split=validation"]).steps()
+    names = [s.name for s in steps]
+    assert names.count("heldout_pool") == 1 and names.index("heldout_pool") == 1  # right after SFT, for all seeds
+    pool = next(s for s in steps if s.name == "heldout_pool")
+    assert pool.group == "heldout" and "data.path.split=validation" in pool.overrides and not pool.fixed
+    assert value(steps, "heldout_pool", "policy.init") == "{sft}/export"
+    for seed in (0, 1):
+        for name, model in ((f"heldout_ensemble_s{seed}", f"ensemble_s{seed}"),
+                            (f"heldout_random_s{seed}", f"rm_random_s{seed}"),
+                            (f"heldout_disagreement_s{seed}", f"rm_disagreement_s{seed}")):
+            assert value(steps, name, "stage.reward_model") == f"{{{model}}}/export"
+            assert value(steps, name, "stage.pool") == "{heldout_pool}/pool.jsonl"
+            assert names.index(name) > names.index(model)
+    assert not any(n.startswith("heldout") for n in (s.name for s in active().steps()))  # off by default
+
+
+def test_the_report_compares_the_rules_on_both_heldout_sets(tmp_path):
+    loop = active(seeds=[0, 1], heldout=["stage=sample_pairs"])
+    results = {"heldout_pool": {"metrics": {"pairs/pool_prompts": 512.0, "pairs/gold_decided_pool": 3000.0}}}
+    # (demonstrator pairs, policy pairs): disagreement loses seed 1 on the first and wins both on the second
+    for seed, figures in ((0, {"random": (0.70, 0.76), "disagreement": (0.75, 0.78)}),
+                          (1, {"random": (0.80, 0.77), "disagreement": (0.79, 0.79)})):
+        for rule, (demo, policy) in figures.items():
+            results[f"rm_{rule}_s{seed}"] = {"metrics": {"val/gold_accuracy": demo}}
+            results[f"heldout_{rule}_s{seed}"] = {"metrics": {"pairs/gold_accuracy_pool": policy}}
+    lines = loop.report(tmp_path, results)
+    summary = json.loads((tmp_path / "active_selection.json").read_text())["summary"]
+    assert summary["gold_accuracy"]["disagreement"]["beats_baseline"] == "1/2"
+    assert summary["policy_pairs_gold_accuracy"]["disagreement"]["beats_baseline"] == "2/2"
+    assert summary["policy_pairs_gold_accuracy"]["random"]["mean"] == pytest.approx(0.765)
+    assert lines.count("disagreement beats random in 1/2 seeds") == 1
+    assert lines.count("disagreement beats random in 2/2 seeds") == 1
+    assert any("512 held-out prompts (3000 pairs" in line for line in lines)
+
+
 def test_more_batches_than_chosen_labels_is_refused():
     with pytest.raises(ConfigValueError, match="batches"):
         active(batches=31)

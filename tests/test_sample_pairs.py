@@ -51,6 +51,24 @@ def test_disagreement_writes_a_valid_candidates_file_best_first(tmp_path, export
     assert len(ucb_rows) == 4 and not asked & {(r["prompt"], frozenset((r["a"], r["b"]))) for r in ucb_rows}
     assert not (ucb / "pool.jsonl").exists()  # read, not sampled again
 
+    # every pair of the pool asked: the pool's gold accuracy is the share of them whose ensemble-mean
+    # rewards (written to each candidate's meta) order the two answers as the gold scorer does
+    whole = _sample(tmp_path, "whole", exports, f"stage.reward_model={ensemble_run / 'export'}",
+                    "stage.selection=disagreement", "stage.budget=36", "stage.pairs_per_prompt=3",
+                    f"stage.pool={run_dir / 'pool.jsonl'}")
+    from lightrlhf.demo.gold import gold_score
+
+    agree, too_close = [], 0  # meta rounds to 6 decimals: an order within 2e-6 is not read back for sure
+    for row in (json.loads(line) for line in (whole / "candidates.jsonl").read_text().splitlines()):
+        gold = gold_score(row["prompt"], row["a"]) - gold_score(row["prompt"], row["b"])
+        mean_a, mean_b = row["meta"]["reward_mean"]
+        if gold != 0:
+            agree.append((mean_a > mean_b) == (gold > 0))
+            too_close += abs(mean_a - mean_b) < 2e-6
+    whole_metrics = json.loads((whole / "metrics.json").read_text())["metrics"]
+    assert len(agree) >= 10 and whole_metrics["pairs/gold_decided_pool"] == len(agree)
+    assert abs(whole_metrics["pairs/gold_accuracy_pool"] * len(agree) - sum(agree)) <= too_close + 1e-9
+
     # the simulated annotator labels it through the server; the labels become preference pairs
     labels_dir = tmp_path / "labels"
     run_in_process(["stage=label", f"stage.candidates={run_dir / 'candidates.jsonl'}", "seed=3"], labels_dir)

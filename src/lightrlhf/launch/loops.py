@@ -39,7 +39,12 @@ which round). `pipeline.extra.<kind>` adds overrides to every step of that kind.
 each seed: a pool of answers from the SFT policy; `seed_pairs` of its pairs labelled at random; an
 ensemble trained on them; then for each rule the remaining `budget - seed_pairs` pairs chosen from
 the same pool (not those asked already), labelled, and a reward model trained on seed + chosen
-labels. The table compares the reward models' `val/gold_accuracy` on the demo's 512 held-out pairs.
+labels. Two held-out measures of each reward model's gold accuracy: `val/gold_accuracy` on the demo's
+512 held-out comparisons (demonstrator answers, far apart in gold), and, with `heldout` set, on every
+pair of the SFT policy's own answers to held-out prompts (`heldout_pool`, sampled once; a
+`heldout_<rule>_s<seed>` step scores it with each reward model, `pairs/gold_accuracy_pool`). The
+second is the distribution the pool is drawn from and the one a reward model is used on: ranking
+this policy's answers, for PPO or best-of-n.
 
 With `batches` B > 1 a model-guided rule spends the chosen budget in B batches, as active learning
 does (Settles 2009, sec. 6.1; Christiano et al. 2017 ask continually as the ensemble learns): after
@@ -52,6 +57,7 @@ pairs as B batches of random draws would be, in distribution).
     labels_<rule>_s<seed>_b<b>   labelled; prefs.jsonl holds every label of this rule so far
     ensemble_<rule>_s<seed>_b<b> the ensemble on those labels (b < B), which chooses batch b + 1
     rm_<rule>_s<seed>            the reward model on all `budget` labels
+    heldout_<rule>_s<seed>       its gold accuracy on the held-out pool (with `heldout`)
 """
 
 from __future__ import annotations
@@ -70,6 +76,7 @@ from lightrlhf.validation import positive, require
 
 ROUNDS_TABLE, ROUNDS_POINTS = "rounds.md", "rounds.json"
 ACTIVE_TABLE, ACTIVE_POINTS = "active_selection.md", "active_selection.json"
+HELDOUT_POOL = "heldout_pool"  # experiment=active_selection's answers of the SFT policy to held-out prompts
 PPO_STARTS = ("previous", "sft")
 
 
@@ -206,6 +213,7 @@ class ActiveSelection:
     rm: list[str]
     baseline: str = "random"
     batches: int = 1
+    heldout: list[str] | tuple[str, ...] = ()  # sample_pairs of held-out prompts; () = not measured
 
     def __post_init__(self) -> None:
         require(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds), "seeds",
@@ -231,8 +239,19 @@ class ActiveSelection:
         tail = [""] if batches == 1 else [f"_b{b}" for b in range(1, batches + 1)]
         return [(f"select_{rule}_s{seed}{t}", f"labels_{rule}_s{seed}{t}", f"ensemble_{rule}_s{seed}{t}") for t in tail]
 
+    def evaluation(self, name: str, reward_model: str) -> LoopStep:
+        """The step that scores the held-out pool with `reward_model`'s export: its gold accuracy on the
+        SFT policy's own answers (pairs/gold_accuracy_pool); it asks nothing (one pair, never labelled)."""
+        return LoopStep(name, list(self.heldout) + [
+            "policy.init={sft}/export", f"stage.pool={{{HELDOUT_POOL}}}/pool.jsonl", "stage.selection=random",
+            "stage.budget=1", f"stage.reward_model={{{reward_model}}}/export", "stage.id_prefix=heldout-"], "evaluate")
+
     def steps(self) -> list[LoopStep]:
         steps = [LoopStep("sft", list(self.sft), "sft")]
+        if self.heldout:  # answers of the SFT policy to held-out prompts, once for every seed and rule
+            steps.append(LoopStep(HELDOUT_POOL, list(self.heldout) + [
+                "policy.init={sft}/export", "stage.selection=random", "stage.budget=1", "stage.id_prefix=heldout-"],
+                "heldout"))
         for s in self.seeds:
             seed = (f"seed={s}",)
             pool, seed_labels, ensemble = f"pool_s{s}", f"seed_labels_s{s}", f"ensemble_s{s}"
@@ -243,6 +262,8 @@ class ActiveSelection:
                 LoopStep(seed_labels, list(self.label) + [f"stage.candidates={{{pool}}}/candidates.jsonl"], "label", seed),
                 LoopStep(ensemble, list(self.ensemble) + ["model.name_or_path={sft}/export",
                                                           f"data.path={{{seed_labels}}}/prefs.jsonl"], "ensemble", seed)]
+            if self.heldout:
+                steps.append(self.evaluation(f"heldout_ensemble_s{s}", ensemble))
             for rule in self.rules:
                 asked, guide, previous = [f"{{{pool}}}/candidates.jsonl"], ensemble, seed_labels
                 names = self.step_names(rule, s)
@@ -264,14 +285,17 @@ class ActiveSelection:
                         guide = retrained
                 steps.append(LoopStep(f"rm_{rule}_s{s}", list(self.rm) + ["model.name_or_path={sft}/export",
                                                                           f"data.path={{{previous}}}/prefs.jsonl"], "rm", seed))
+                if self.heldout:
+                    steps.append(self.evaluation(f"heldout_{rule}_s{s}", f"rm_{rule}_s{s}"))
         return steps
 
     def report(self, run_dir: Path, results: dict[str, dict[str, Any]]) -> list[str]:
-        """active_selection.md / .json: each seed's gold accuracy per rule; the table's lines."""
+        """active_selection.md / .json: each seed's gold accuracy per rule, on both held-out sets; the lines."""
         points = []
         for s in self.seeds:
             row: dict[str, Any] = {"seed": s, "ensemble_gold_accuracy": _metrics(results, f"ensemble_s{s}").get(
-                "val/gold_accuracy")}
+                "val/gold_accuracy"), "ensemble_policy_pairs_gold_accuracy": _metrics(
+                results, f"heldout_ensemble_s{s}").get("pairs/gold_accuracy_pool")}
             for rule in self.rules:
                 names, sizes = self.step_names(rule, s), self.batch_budgets(rule)
                 rm, last_labels = _metrics(results, f"rm_{rule}_s{s}"), _metrics(results, names[-1][1])
@@ -280,35 +304,51 @@ class ActiveSelection:
                 agreements = [(_metrics(results, labels).get("labels/gold_agreement"), n)
                               for (_, labels, _), n in zip(names, sizes)]
                 row[rule] = {"gold_accuracy": rm.get("val/gold_accuracy"), "accuracy": rm.get("val/accuracy"),
+                             "policy_pairs_gold_accuracy": _metrics(results, f"heldout_{rule}_s{s}").get(
+                                 "pairs/gold_accuracy_pool"),
                              "labels": _count(last_labels.get("labels/total_pairs")),
                              "label_gold_agreement": _weighted_mean(agreements),
                              "pairs_gold_gap": _weighted_mean(gaps),
                              "batch_ensembles_gold_accuracy": [_metrics(results, ensemble).get("val/gold_accuracy")
                                                                for _, _, ensemble in names[:-1]]}
             points.append(row)
-        others = [r for r in self.rules if r != self.baseline]
-        header = ["seed", "seed-set ensemble"] + [f"{r}" for r in self.rules]
-        rows = [[p["seed"], p["ensemble_gold_accuracy"]] + [p[r]["gold_accuracy"] for r in self.rules] for p in points]
-        summary: dict[str, Any] = {}
-        for rule in self.rules:
-            values = [p[rule]["gold_accuracy"] for p in points if p[rule]["gold_accuracy"] is not None]
-            summary[rule] = {"mean": statistics.fmean(values) if values else None,
-                             "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-        for rule in others:
-            wins = [p[rule]["gold_accuracy"] is not None and p[self.baseline]["gold_accuracy"] is not None
-                    and p[rule]["gold_accuracy"] > p[self.baseline]["gold_accuracy"] for p in points]
-            summary[rule]["beats_baseline"] = f"{sum(wins)}/{len(wins)}"
-        rows.append(["mean", None] + [summary[r]["mean"] for r in self.rules])
-        lines = [f"held-out gold accuracy of reward models trained on {self.budget} labels "
-                 f"({self.seed_pairs} random, then {self.budget - self.seed_pairs} chosen by each rule"
+        pairs = _metrics(results, HELDOUT_POOL)
+        measures = [("gold_accuracy", "ensemble_gold_accuracy", "the demo's held-out comparisons (demonstrator pairs)")]
+        if self.heldout:
+            measures.append(("policy_pairs_gold_accuracy", "ensemble_policy_pairs_gold_accuracy",
+                             f"every pair of the SFT policy's answers to {_count(pairs.get('pairs/pool_prompts'))} "
+                             f"held-out prompts ({_count(pairs.get('pairs/gold_decided_pool'))} pairs whose gold differs)"))
+        lines = [f"gold accuracy of reward models trained on {self.budget} labels ({self.seed_pairs} random, then "
+                 f"{self.budget - self.seed_pairs} chosen by each rule"
                  + (f", in {self.batches} batches for the model-guided rules" if self.batches > 1 else "") + ")"]
-        lines += _table(header, rows)
-        lines += [f"{rule} beats {self.baseline} in {summary[rule]['beats_baseline']} seeds" for rule in others]
+        summary: dict[str, Any] = {}
+        for key, ensemble_key, title in measures:
+            summary[key] = self.summary(points, key)
+            lines += ["", f"on {title}:"]
+            lines += _table(["seed", "seed-set ensemble"] + list(self.rules),
+                            [[p["seed"], p[ensemble_key]] + [p[r][key] for r in self.rules] for p in points]
+                            + [["mean", None] + [summary[key][r]["mean"] for r in self.rules]])
+            lines += [f"{rule} beats {self.baseline} in {summary[key][rule]['beats_baseline']} seeds"
+                      for rule in self.rules if rule != self.baseline]
         gaps = _table(["seed"] + [f"{r}: gold gap / label-gold agreement" for r in self.rules],
                       [[p["seed"]] + [f"{_fmt(p[r]['pairs_gold_gap'])} / {_fmt(p[r]['label_gold_agreement'])}"
                                       for r in self.rules] for p in points])
         atomic_write_text(run_dir / ACTIVE_TABLE, "\n".join(lines + [""] + gaps) + "\n")
         atomic_write_text(run_dir / ACTIVE_POINTS, json.dumps({"budget": self.budget, "seed_pairs": self.seed_pairs,
-                                                               "batches": self.batches,
-                                                               "seeds": points, "summary": summary}, indent=1))
+                                                               "batches": self.batches, "seeds": points,
+                                                               "summary": summary}, indent=1))
         return [""] + lines
+
+    def summary(self, points: list[dict[str, Any]], key: str) -> dict[str, Any]:
+        """Per rule: mean and std over seeds of `key`, and in how many seeds it beats the baseline."""
+        out: dict[str, Any] = {}
+        for rule in self.rules:
+            values = [p[rule][key] for p in points if p[rule][key] is not None]
+            out[rule] = {"mean": statistics.fmean(values) if values else None,
+                         "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+        for rule in self.rules:
+            if rule != self.baseline:
+                wins = [p[rule][key] is not None and p[self.baseline][key] is not None
+                        and p[rule][key] > p[self.baseline][key] for p in points]
+                out[rule]["beats_baseline"] = f"{sum(wins)}/{len(wins)}"
+        return out

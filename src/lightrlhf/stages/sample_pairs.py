@@ -19,7 +19,9 @@ the very same answers: `stage.pool=<run>/pool.jsonl`), candidates.jsonl, selecti
 metrics.json reports). Pairs already asked (`stage.exclude`: earlier candidates files) are not
 asked again. With the demo's gold scorer the metrics also say how far apart in gold the chosen
 pairs are (`pairs/gold_gap_mean`): a rule that picks near-ties asks questions whose answers are
-mostly noise.
+mostly noise; and, given a reward model, how often its ensemble mean orders the pool's pairs as gold
+does (`pairs/gold_accuracy_pool`): the reward model's gold accuracy on the policy's own answers, which
+a pool of held-out prompts (`data.path.split=validation` on the demo) measures without training.
 
 Resuming (`resume=`, or a pipeline killed here): the outputs are written pool, selection,
 candidates, each atomically; a run that finds its candidates.jsonl returns what it recorded instead
@@ -244,6 +246,17 @@ class SamplePairs:
             out["pairs/gold_gap_mean_pool"] = gap[valid].mean().item() if valid.any() else 0.0
             if chosen:
                 out["pairs/gold_gap_mean"] = gap[picked].mean().item()
+            if members is not None:
+                # how well the ensemble's mean ranks this pool: over every valid pair whose gold differs,
+                # the share where the mean reward orders the two answers as gold does (the rm stage's
+                # val/gold_accuracy, on the policy's own answers instead of a preference file)
+                mean = ensemble_mean_std(members.double())[0]
+                gold_diff, reward_diff = gold[:, i] - gold[:, j], mean[:, i] - mean[:, j]
+                decided = valid & (gold_diff != 0)
+                out["pairs/gold_decided_pool"] = float(decided.sum())
+                if decided.any():
+                    out["pairs/gold_accuracy_pool"] = ((reward_diff[decided] > 0) == (gold_diff[decided] > 0)).double(
+                    ).mean().item()
         return out
 
     def run(self, out_dir: Path) -> dict[str, Any]:
