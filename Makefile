@@ -32,8 +32,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -n 2 --dist worksteal -m "not slow"
 
+# BENCH_ARGS passes options, e.g. BENCH_ARGS="--since c076402 --only ppo ppo1" (an earlier commit beside today's)
 bench: $(STAMP)
-	$(PY) -m lightrlhf.bench
+	$(PY) -m lightrlhf.bench $(BENCH_ARGS)
 
 # trl's trainers beside ours in one interleaved run (outputs/bench/report.md). The peers' venvs under
 # outputs/peer-envs are made on first use (a few minutes). E.g. make bench-peers RUNS=1 ONLY="sft ppo";

@@ -9,6 +9,9 @@ outputs/bench/report.md and outputs/bench/results.jsonl (one record per run, thi
 the peers' environments (`python -m lightrlhf.bench.peers setup`). Each round runs trl's
 configuration and ours back to back, trl first in odd rounds and ours first in even ones, so every
 lightrlhf / trl ratio is taken between neighbouring runs and neither side always runs first.
+
+--since REV adds, the same way, each chosen configuration as the commit REV ran it (`bench.since`:
+its checkout, its code, its overrides), so a speed-up against earlier code is measured in one session.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lightrlhf.bench.compare import pairs, side_by_side
+from lightrlhf.bench.compare import against_earlier, pairs, side_by_side
 from lightrlhf.bench.peers import ENVS, PEERS, check_env, peer_configurations
 from lightrlhf.bench.report import DIFFERENCES, counted, environment, git_commit, markdown, summarise
 from lightrlhf.bench.runner import run_timed, wait_until_idle
+from lightrlhf.bench.since import SEPARATOR, base_name, checkout, old_configurations, resolve, since_name
 from lightrlhf.bench.workload import (
     ASSETS,
     ONLINE,
@@ -45,19 +49,23 @@ PEER_NAMES = tuple(PAIRS.values())
 
 
 def round_order(chosen: list[str], round_no: int) -> list[str]:
-    """One round of the round-robin: our configurations in NAMES order, each next to its trl peer,
-    trl first in odd rounds and ours first in even ones (a pair's order alternates, so whatever
-    favours the first or second run of a pair -- caches, the machine settling -- cancels out over rounds)."""
+    """One round of the round-robin: our configurations in NAMES order, each next to its trl peer and
+    its earlier commit's run (`--since`), those first in odd rounds and ours first in even ones (a
+    group's order alternates, so whatever favours the first or second run of a pair -- caches, the
+    machine settling -- cancels out over rounds)."""
     order = []
     for name in NAMES:
-        pair = [n for n in (PAIRS.get(name), name) if n in chosen]
-        order += pair if round_no % 2 else pair[::-1]
+        earlier = [n for n in chosen if SEPARATOR in n and base_name(n) == name]
+        group = [n for n in (PAIRS.get(name), *earlier, name) if n in chosen]
+        order += group if round_no % 2 else group[::-1]
     return order
 
 
-def chosen_names(only: list[str], peers: bool) -> list[str]:
-    """The configurations to run: `only`, plus the trl peer of each when `peers`."""
-    return [*only, *(PAIRS[n] for n in only if peers and n in PAIRS and PAIRS[n] not in only)]
+def chosen_names(only: list[str], peers: bool, since: str | None = None) -> list[str]:
+    """The configurations to run: `only`, plus the trl peer of each when `peers`, plus each of ours as
+    the commit `since` (a full sha) ran it."""
+    earlier = [since_name(n, since) for n in only if since and n in NAMES and n != "floor"]
+    return [*only, *(PAIRS[n] for n in only if peers and n in PAIRS and PAIRS[n] not in only), *earlier]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,6 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help=f"configurations to run, of {' '.join(NAMES + PEER_NAMES)} (default: ours and the floor)")
     ap.add_argument("--peers", action="store_true",
                     help="also run trl's peer of every chosen configuration, interleaved with ours")
+    ap.add_argument("--since", metavar="REV", default=None,
+                    help="also run each chosen configuration as commit REV ran it, interleaved (bench.since)")
     ap.add_argument("--steps-scale", type=float, default=1.0,
                     help="multiply every step budget (e.g. 0.1 for a quick check; the figures are then not comparable)")
     ap.add_argument("--max-foreign", type=float, default=0.03,
@@ -142,15 +152,18 @@ def prepare(only: list[str]) -> tuple[dict[str, str], list[str], dict[str, Any],
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    names = chosen_names(args.only, args.peers)
     keep = args.keep_contaminated
     try:
-        hashes, notes, lengths, reward = prepare(names)
+        since = resolve(args.since) if args.since else None
+        names = chosen_names(args.only, args.peers, since)
+        hashes, notes, lengths, reward = prepare([base_name(n) for n in names])
+        earlier = {} if since is None else old_configurations(
+            checkout(since), since, [base_name(n) for n in names if SEPARATOR in n], args.steps_scale)
     except BenchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     ours = configurations(ASSETS, reward, args.steps_scale)
-    configs = {**ours, **peer_configurations(ours)}
+    configs = {**ours, **peer_configurations(ours), **earlier}
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     started = time.strftime("%Y-%m-%d %H:%M")
     run_root = OUT / "runs" / stamp
@@ -183,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     env["threads"] = "/".join(str(t) for t in sorted({s.threads for s in summaries.values() if s.threads})) or "?"
     matched = pairs(summaries, records, keep)
     beside = side_by_side(matched, records, keep) if matched else ""
+    if since is not None:
+        beside += against_earlier(since, summaries, records, keep)
     caveats = []
     if keep:
         caveats.append("Smoke run (--keep-contaminated): runs that other processes slowed were counted, not "

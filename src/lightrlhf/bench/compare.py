@@ -77,3 +77,40 @@ def side_by_side(matched: list[Pair], records: dict[str, list[dict[str, Any]]],
             lines += ["", "- SFT vs the bare-PyTorch floor, within each round (median [min–max]): "
                       + "; ".join(said) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _by_round(records: list[dict[str, Any]], key: str, keep_contaminated: bool) -> dict[int, float]:
+    return {r["round"]: r["result"][key] for r in records
+            if counted(r, keep_contaminated) and "round" in r and r["result"].get(key)}
+
+
+def against_earlier(sha: str, summaries: dict[str, Summary], records: dict[str, list[dict[str, Any]]],
+                    keep_contaminated: bool = False) -> str:
+    """The markdown section of `--since`: each configuration now against commit `sha` (bench.since),
+    both ratios taken within a round. For the online stages also the rollout's generated tokens/s,
+    i.e. generated tokens / time/rollout_s (sampling and the scoring forwards), its ratio being
+    rollout_s then / rollout_s now."""
+    tag = sha[:7]
+    lines = ["", f"## lightrlhf now against commit {tag}, interleaved in this run", "",
+             f"Each configuration as commit {sha[:12]} ran it (its checkout, code and overrides) beside today's, "
+             "the two back to back in every round; ratios are now / then within a round, median over rounds "
+             "[min–max].", "",
+             "| stage | unit | now (median) | then (median) | now / then | rollout generated tok/s now | then |"
+             " rollout now / then | rounds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in summaries:
+        earlier = f"{name}@{tag}"
+        if "@" in name or earlier not in summaries:
+            continue
+        now, then = summaries[name], summaries[earlier]
+        ratios = per_round_ratios(records[name], records[earlier], keep_contaminated)
+        rollout = ["–", "–", "–"]
+        tokens = now.config.secondary.get("generated tok/s")
+        if tokens and "rollout_s" in now.extra and "rollout_s" in then.extra:
+            mine, theirs = (_by_round(records[n], "rollout_s", keep_contaminated) for n in (name, earlier))
+            speedups = [theirs[k] / mine[k] for k in sorted(mine.keys() & theirs.keys())]
+            rollout = [f"{fmt(tokens / now.extra['rollout_s'])}", f"{fmt(tokens / then.extra['rollout_s'])}",
+                       _ratio(speedups)]
+        lines.append(f"| {now.config.title} | {now.config.unit} | {fmt(now.rate)} | {fmt(then.rate)} | "
+                     f"{_ratio(ratios)} | {' | '.join(rollout)} | {len(ratios)} |")
+    return "\n".join(lines) + "\n"

@@ -189,6 +189,7 @@ class Config:
     script: str | None = None  # a peer-bench script instead of train.py (the floor, trl's trainers)
     script_args: tuple[str, ...] = ()  # the script's own options, e.g. trl_ppo.py's --ppo-epochs
     python: str | None = None  # the script's interpreter (trl's: its `bench.peers` venv); None: this one
+    checkout: str | None = None  # another commit's checkout whose train.py runs these overrides (`bench.since`)
 
     @property
     def ours(self) -> bool:
@@ -201,7 +202,11 @@ class Config:
         timer = ["+callbacks.timer._target_=lightrlhf.callbacks.timing.StepTimer",
                  f"+callbacks.timer.path={run_dir / 'timer.json'}",
                  f"+callbacks.timer.units_per_step={self.units_per_step:g}", f"+callbacks.timer.unit={self.unit}"]
-        return [sys.executable, str(ROOT / "train.py"), *self.overrides, f"hydra.run.dir={run_dir / 'run'}", *timer]
+        run = [*self.overrides, f"hydra.run.dir={run_dir / 'run'}", *timer]
+        if self.checkout is not None:  # that commit's sources, not the installed ones, on this interpreter
+            return ["env", f"PYTHONPATH={Path(self.checkout) / 'src'}", sys.executable,
+                    str(Path(self.checkout) / "train.py"), *run]
+        return [sys.executable, str(ROOT / "train.py"), *run]
 
 
 def _common(assets: Path, data: str) -> list[str]:
@@ -312,7 +317,7 @@ def read_result(config: Config, run_dir: Path, log_text: str) -> dict[str, Any] 
         data = record.get("data", {})
         out["data_problems"] = {k: v for k, v in data.items() if "truncated" in k or "dropped" in k}
     log_file = run_dir / "run" / "train.log"
-    if config.name in ONLINE and log_file.is_file():
+    if config.name.split("@", 1)[0] in ONLINE and log_file.is_file():  # also an earlier commit's (`bench.since`)
         out["shares_base"] = "shares the policy's base" in log_file.read_text()
         out.update(ppo_time_split(run_dir / "run" / "tb", skip=timer["warmup"]))
     return out
