@@ -44,7 +44,7 @@ from lightrlhf.bench.workload import (
     require_peer_bench,
 )
 
-NAMES = ("sft", "floor", "rm", "ppo", "ppo1", "dpo", "grpo", "rloo")
+NAMES = ("sft", "floor", "rm", "rm_floor", "ppo", "ppo1", "dpo", "grpo", "rloo")
 PEER_NAMES = tuple(PAIRS.values())
 
 
@@ -64,7 +64,7 @@ def round_order(chosen: list[str], round_no: int) -> list[str]:
 def chosen_names(only: list[str], peers: bool, since: str | None = None) -> list[str]:
     """The configurations to run: `only`, plus the trl peer of each when `peers`, plus each of ours as
     the commit `since` (a full sha) ran it."""
-    earlier = [since_name(n, since) for n in only if since and n in NAMES and n != "floor"]
+    earlier = [since_name(n, since) for n in only if since and n in NAMES and not n.endswith("floor")]
     return [*only, *(PAIRS[n] for n in only if peers and n in PAIRS and PAIRS[n] not in only), *earlier]
 
 

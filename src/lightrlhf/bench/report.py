@@ -154,6 +154,10 @@ def markdown(summaries: dict[str, Summary], runs: int, when: str, environment: d
     if sft and floor:
         lines.append(f"- **SFT vs the bare-PyTorch floor, same session: {sft.rate / floor.rate:.2f}x** the floor's "
                      f"throughput ({sft.s_per_step:.3f} vs {floor.s_per_step:.3f} s/step).")
+    rm, rm_floor = summaries.get("rm"), summaries.get("rm_floor")
+    if rm and rm_floor:
+        lines.append(f"- **Reward model vs its bare-PyTorch floor, same session: {rm.rate / rm_floor.rate:.2f}x** the "
+                     f"floor's throughput ({rm.s_per_step:.3f} vs {rm_floor.s_per_step:.3f} s/step).")
     if floor and published:
         lines.append(f"- Machine drift: the floor measured here runs at {floor.rate / PUBLISHED['floor'].rate:.2f}x "
                      f"its PEERS.md figure ({fmt(floor.rate)} vs {fmt(PUBLISHED['floor'].rate)} tokens/s).")

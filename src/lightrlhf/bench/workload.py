@@ -290,6 +290,10 @@ def configurations(assets: Path, reward_export: Path | None, scale: float = 1.0)
     floor = peer_bench_dir() / "torch_sft_floor.py"
     configs.append(Config("floor", "bare PyTorch SFT floor (measured here)", "tokens/s", BATCH * SEQUENCE_TOKENS, steps(150),
                           script=str(floor)))
+    # the reward model's own floor: the same pairwise step as bare PyTorch + peft (bench/rm_floor.py)
+    configs.append(Config("rm_floor", "bare PyTorch reward-model floor (measured here)", "pairs/s", BATCH, steps(150),
+                          secondary={"tokens/s": BATCH * 2 * SEQUENCE_TOKENS},
+                          script=str(Path(__file__).with_name("rm_floor.py"))))
     return {c.name: c for c in configs}
 
 
