@@ -155,13 +155,15 @@ def test_the_heldout_pool_is_sampled_once_and_scored_by_every_reward_model():
 
 def test_the_report_compares_the_rules_on_both_heldout_sets(tmp_path):
     loop = active(seeds=[0, 1], heldout=["stage=sample_pairs"])
-    results = {"heldout_pool": {"metrics": {"pairs/pool_prompts": 512.0, "pairs/gold_decided_pool": 3000.0}}}
+    results = {"heldout_pool": {"metrics": {"pairs/pool_prompts": 512.0}}}
     # (demonstrator pairs, policy pairs): disagreement loses seed 1 on the first and wins both on the second
     for seed, figures in ((0, {"random": (0.70, 0.76), "disagreement": (0.75, 0.78)}),
                           (1, {"random": (0.80, 0.77), "disagreement": (0.79, 0.79)})):
         for rule, (demo, policy) in figures.items():
             results[f"rm_{rule}_s{seed}"] = {"metrics": {"val/gold_accuracy": demo}}
-            results[f"heldout_{rule}_s{seed}"] = {"metrics": {"pairs/gold_accuracy_pool": policy}}
+            results[f"heldout_{rule}_s{seed}"] = {"metrics": {"pairs/gold_accuracy_pool": policy,
+                                                              "pairs/pool_prompts": 512.0,
+                                                              "pairs/gold_decided_pool": 3000.0}}
     lines = loop.report(tmp_path, results)
     summary = json.loads((tmp_path / "active_selection.json").read_text())["summary"]
     assert summary["gold_accuracy"]["disagreement"]["beats_baseline"] == "1/2"

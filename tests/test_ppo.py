@@ -145,6 +145,65 @@ def test_micro_batches_give_exactly_the_minibatch_gradient(actor_critic, monkeyp
             torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-7)
 
 
+def test_the_first_minibatch_backpropagates_the_rollouts_own_forwards(actor_critic, monkeypatch):
+    """One minibatch of the whole rollout: the rollout runs the policy and value forwards with gradient
+    and the first epoch backpropagates them instead of running them again -- the same losses and
+    gradients, epoch after epoch, as recomputing them."""
+    runs = {}
+    for reused in (True, False):
+        stage = _stage(actor_critic, ppo={"epochs": 2, "num_minibatches": 1, "entropy_coef": 0.01},
+                       max_grad_norm=None)
+        assert stage.reuse_rollout_forward  # one minibatch, one micro-batch, no checkpointing
+        stage.reuse_rollout_forward = reused
+        optimizer = stage.configure_optimizers()["optimizer"]
+        steps = []
+
+        class Capture:  # records each step's gradient and does not step: both runs see the same weights
+            def __init__(self, opt):
+                self.optimizer = opt
+
+            def zero_grad(self):
+                self.optimizer.zero_grad()
+
+            def step(self):
+                steps.append([p.grad.clone() for g in optimizer.param_groups for p in g["params"] if p.grad is not None])
+
+        monkeypatch.setattr(stage, "optimizers", lambda opt=optimizer: Capture(opt))
+        monkeypatch.setattr(stage, "lr_schedulers", lambda: None)
+        monkeypatch.setattr(stage, "manual_backward", lambda loss: loss.backward())
+        batch = next(iter(stage.datamodule.train_dataloader()))
+        ppo_batch = stage.rollout(batch["prompt_ids"], batch["prompt_text"])
+        roll = ppo_batch.rollout
+        graphs = (roll.logprobs_graph, roll.values_graph, roll.entropy_graph)
+        assert all((g is not None) is reused for g in graphs)
+        if reused:
+            assert torch.equal(roll.logprobs_graph.detach(), roll.logprobs) and roll.values_graph.requires_grad
+        stats = stage.update(ppo_batch)
+        assert stats["policy/optimizer_steps"] == 2.0
+        runs[reused] = (roll.logprobs, roll.values, stats, steps)
+        optimizer.zero_grad()
+    (logprobs, values, stats, steps), (logprobs_0, values_0, stats_0, steps_0) = runs[True], runs[False]
+    assert torch.equal(logprobs, logprobs_0) and torch.equal(values, values_0)  # the same rollout
+    for key in ("policy/loss", "val/loss", "policy/entropy", "policy/ratio_mean"):
+        assert stats[key] == pytest.approx(stats_0[key], rel=1e-6, abs=1e-9), key
+    assert len(steps) == len(steps_0) == 2 and len(steps[0]) == len(steps_0[0]) > 0
+    for fused, recomputed in zip(steps, steps_0):
+        for a, b in zip(fused, recomputed):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_the_rollouts_forwards_are_not_reused_where_they_are_not_the_updates(actor_critic):
+    for ppo in ({"num_minibatches": 2}, {"micro_batch_size": 4}, {"forward_batch_size": 4}):
+        assert not _stage(actor_critic, ppo=ppo).reuse_rollout_forward, ppo
+    # activation checkpointing recomputes in the backward with whichever adapter is active by then
+    body = next(m for m in actor_critic.module.modules() if hasattr(m, "gradient_checkpointing"))
+    body.gradient_checkpointing = True
+    try:
+        assert not _stage(actor_critic).reuse_rollout_forward
+    finally:
+        body.gradient_checkpointing = False
+
+
 def test_early_stop_on_approx_kl_skips_the_remaining_updates(actor_critic, monkeypatch):
     stage = _stage(actor_critic, ppo={"epochs": 4, "num_minibatches": 2, "max_approx_kl": 1e-12},
                    optim={"lr": 0.05})

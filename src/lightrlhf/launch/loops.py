@@ -312,12 +312,14 @@ class ActiveSelection:
                              "batch_ensembles_gold_accuracy": [_metrics(results, ensemble).get("val/gold_accuracy")
                                                                for _, _, ensemble in names[:-1]]}
             points.append(row)
-        pairs = _metrics(results, HELDOUT_POOL)
+        # the pool's size as a reward model's scoring of it counts it (the pool step itself scores nothing)
+        scored = next((m for s in self.seeds for r in self.rules
+                       if "pairs/gold_decided_pool" in (m := _metrics(results, f"heldout_{r}_s{s}"))), {})
         measures = [("gold_accuracy", "ensemble_gold_accuracy", "the demo's held-out comparisons (demonstrator pairs)")]
         if self.heldout:
             measures.append(("policy_pairs_gold_accuracy", "ensemble_policy_pairs_gold_accuracy",
-                             f"every pair of the SFT policy's answers to {_count(pairs.get('pairs/pool_prompts'))} "
-                             f"held-out prompts ({_count(pairs.get('pairs/gold_decided_pool'))} pairs whose gold differs)"))
+                             f"every pair of the SFT policy's answers to {_count(scored.get('pairs/pool_prompts'))} "
+                             f"held-out prompts ({_count(scored.get('pairs/gold_decided_pool'))} pairs whose gold differs)"))
         lines = [f"gold accuracy of reward models trained on {self.budget} labels ({self.seed_pairs} random, then "
                  f"{self.budget - self.seed_pairs} chosen by each rule"
                  + (f", in {self.batches} batches for the model-guided rules" if self.batches > 1 else "") + ")"]

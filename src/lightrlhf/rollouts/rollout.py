@@ -92,6 +92,9 @@ class Rollout(Responses):
     values: Tensor | None = None  # [N, R] V(y_<=t), only with a critic
     # [N, R] `logprobs` still attached to the graph of their forward, only with `roll_out(differentiable=True)`
     logprobs_graph: Tensor | None = None
+    # [N, R] `entropy` / `values` attached to their forward's graph, with `differentiable=True` and asked for
+    entropy_graph: Tensor | None = None
+    values_graph: Tensor | None = None
 
 
 def repeat_each(items: Sequence, times: int) -> list:
@@ -186,14 +189,27 @@ def token_statistics(roles: PolicyRoles, responses: Responses, temperature: floa
     return {k: torch.cat(v) for k, v in out.items() if v}
 
 
-def policy_statistics(roles: PolicyRoles, responses: Responses, temperature: float) -> dict[str, Tensor]:
+def policy_statistics(roles: PolicyRoles, responses: Responses, temperature: float,
+                      entropy_graph: bool = False) -> dict[str, Tensor]:
     """The policy's log-probs and entropy over the response positions in one forward *with* gradient:
-    `logprobs_graph` keeps the graph for an update to backpropagate, `logprobs` is its detached value."""
+    `logprobs_graph` keeps the graph for an update to backpropagate, `logprobs` is its detached value;
+    `entropy_graph=True` keeps the entropy's too (an entropy bonus backpropagates it)."""
     logits = scoring_logits(roles, responses, slice(None))
     logprobs = token_logprobs(logits, responses.responses, temperature)
-    with torch.no_grad():
-        entropy = entropy_from_logits(logits.detach(), temperature)
-    return {"logprobs": logprobs.detach(), "entropy": entropy, "logprobs_graph": logprobs}
+    out = {"logprobs": logprobs.detach(), "logprobs_graph": logprobs}
+    if entropy_graph:
+        entropy = entropy_from_logits(logits, temperature)
+        out.update(entropy=entropy.detach(), entropy_graph=entropy)
+    else:
+        with torch.no_grad():
+            out["entropy"] = entropy_from_logits(logits.detach(), temperature)
+    return out
+
+
+def value_statistics(roles: PolicyRoles, responses: Responses) -> dict[str, Tensor]:
+    """The critic's values over the response positions in one forward *with* gradient (`values_graph`)."""
+    values = roles.values(responses.sequences, responses.attention_mask)[:, responses.prompt_width - 1:-1]
+    return {"values": values.detach(), "values_graph": values}
 
 
 def response_logit_positions(responses: Responses) -> int:
@@ -211,19 +227,24 @@ def scoring_temperature(spec: GenerationSpec) -> float:
 def roll_out(roles: PolicyRoles, prompt_ids: Sequence[Sequence[int]], prompts: Sequence[str], raw_prompts: Sequence,
              spec: GenerationSpec, generator: torch.Generator, *, group_size: int = 1,
              forward_batch_size: int | None = None, with_values: bool = False,
-             explore_epsilon: float = 0.0, differentiable: bool = False, with_reference: bool = True) -> Rollout:
+             explore_epsilon: float = 0.0, differentiable: bool = False, with_reference: bool = True,
+             entropy_graph: bool = False) -> Rollout:
     """Sample `group_size` responses per prompt and measure them (see module docstring).
 
-    `differentiable`: the policy's forward runs with gradient, all rows at once, and the rollout keeps
-    its graph (`logprobs_graph`). For an update that is one pass of one minibatch over the rollout
-    with the weights it was sampled with, that forward *is* the update's, so it runs once, not twice.
+    `differentiable`: the policy's forward (and the critic's, `with_values`) runs with gradient, all
+    rows at once, and the rollout keeps its graph (`logprobs_graph`, `values_graph`; `entropy_graph`
+    too when asked). For an update whose first minibatch is the whole rollout, taken with the weights
+    it was sampled with, those forwards *are* the update's, so they run once, not twice.
     `with_reference=False`: no reference forward, `ref_logprobs` is None."""
     responses = sample_responses(roles, prompt_ids, prompts, raw_prompts, spec, generator, group_size=group_size,
                                  explore_epsilon=explore_epsilon)
     temperature = scoring_temperature(spec)
-    stats = token_statistics(roles, responses, temperature, forward_batch_size, with_values and roles.has_critic,
+    with_values = with_values and roles.has_critic
+    stats = token_statistics(roles, responses, temperature, forward_batch_size, with_values and not differentiable,
                              with_policy=not differentiable, with_reference=with_reference)
     if differentiable:
-        stats.update(policy_statistics(roles, responses, temperature))
+        stats.update(policy_statistics(roles, responses, temperature, entropy_graph))
+        if with_values:
+            stats.update(value_statistics(roles, responses))
     stats.setdefault("ref_logprobs", None)
     return Rollout(**vars(responses), **stats)

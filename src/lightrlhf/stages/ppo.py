@@ -32,6 +32,7 @@ from torch import Tensor
 
 from lightrlhf.data.modules import PromptDataModule
 from lightrlhf.models.actor_critic import ActorCritic
+from lightrlhf.models.shared_prompt import checkpointing
 from lightrlhf.rewards.spec import RewardSpec
 from lightrlhf.rl import (
     aggregation_normalizer,
@@ -160,13 +161,21 @@ class PPOStage(OnlineStage):
         self.value_lr_scale, self.rollouts = value_lr_scale, rollouts
         self.exploration_epsilon, self.samples_every = exploration_epsilon, samples_every
         self.kl_controller = self.kl_spec.controller()  # checkpointed with the online state
+        # detail: with one minibatch of the whole rollout in one micro-batch, the first epoch's policy and
+        # value forwards are the rollout's own (same weights, same rows, dropout off: the first ratio is
+        # exactly 1 either way), so the rollout runs them with gradient and the first minibatch
+        # backpropagates them: two forwards fewer per rollout. Not under activation checkpointing: its
+        # recomputation in the backward would run with whichever adapter is active then.
+        self.reuse_rollout_forward = (self.ppo.num_minibatches == 1 and self.ppo.micro_batch_size is None
+                                      and self.ppo.forward_batch_size is None and not checkpointing(model.module))
 
     # -- steps 1 to 4: roll out, score, per-token rewards, advantages ------------------------------
     def rollout(self, prompt_ids: list[list[int]], prompts: list[str], raw_prompts: list | None = None) -> PPOBatch:
         # step 1. roll out: sample from the policy (exploration may mix in reference tokens)
         roll = roll_out(self.model, prompt_ids, prompts, raw_prompts or prompts, self.generation, self.sampler,
                         forward_batch_size=self.ppo.forward_batch_size, with_values=True,
-                        explore_epsilon=self.exploration_epsilon)
+                        explore_epsilon=self.exploration_epsilon, differentiable=self.reuse_rollout_forward,
+                        entropy_graph=self.ppo.entropy_coef != 0)
         # step 2. score: the composite score in raw units, then shaped
         scores, components = self.scorer.score(roll)
         self.scorer.observe(distributed.all_cat(scores))  # the normaliser's statistics: every rank's scores
@@ -190,18 +199,19 @@ class PPOStage(OnlineStage):
         params = [p for group in optimizer.optimizer.param_groups for p in group["params"]]
         stats: dict[str, list[float]] = {}
         steps = 0
-        for _epoch in range(self.ppo.epochs):
+        for epoch in range(self.ppo.epochs):
             order = torch.randperm(rows, generator=self.sampler)
             stop = False
             for start in range(0, rows, minibatch):
                 chosen = order[start:start + minibatch]
+                reuse = epoch == 0 and batch.rollout.logprobs_graph is not None  # reuse_rollout_forward
                 # detail: every micro-batch is normalised by the whole minibatch's count (valid tokens,
                 # or rows for seq_mean) over every rank, so the micro-batch losses add up to the global
                 # minibatch's loss (and the gradients, summed over ranks, to its gradient).
                 normalizer = distributed.all_sum(aggregation_normalizer(batch.rollout.mask[chosen],
                                                                         self.ppo.loss_aggregation))
                 optimizer.zero_grad()
-                parts = [self._loss(batch, chosen[i:i + micro], normalizer) for i in range(0, len(chosen), micro)]
+                parts = [self._loss(batch, chosen[i:i + micro], normalizer, reuse) for i in range(0, len(chosen), micro)]
                 parts = [part for rank_parts in distributed.all_gather_objects(parts) for part in rank_parts]
                 merged = merge_micro_batches(parts, additive=("policy/loss", "policy/entropy", "val/loss"))
                 if self.ppo.max_approx_kl is not None and merged["policy/approxkl"] > self.ppo.max_approx_kl:
@@ -220,24 +230,29 @@ class PPOStage(OnlineStage):
         out["numerics/skipped_batches"] = float(self.guard.skipped_total)
         return out
 
-    def _loss(self, batch: PPOBatch, idx: Tensor, normalizer: Tensor) -> dict[str, float]:
-        """Backpropagate one micro-batch's share of the minibatch loss; its statistics with token weights."""
+    def _loss(self, batch: PPOBatch, idx: Tensor, normalizer: Tensor, reuse: bool = False) -> dict[str, float]:
+        """Backpropagate one micro-batch's share of the minibatch loss; its statistics with token weights.
+        `reuse`: `idx` is every row of the rollout, whose forwards with gradient are this one's."""
         roll, spec = batch.rollout, self.ppo
         temperature = scoring_temperature(self.generation)
         seq, attn, mask = roll.sequences[idx], roll.attention_mask[idx], roll.mask[idx]
-        logits = self.model.policy_logits(seq, attn, last=response_logit_positions(roll))[:, :-1]
-        # detail: without an entropy bonus the entropy is only a statistic: taken off the graph, its
-        # [rows, tokens, vocabulary] softmax and products are freed at once instead of held for the
-        # backward (at GPT-2's 50k vocabulary, ~0.6 GB a 16-row minibatch)
-        entropy = entropy_from_logits(logits if spec.entropy_coef else logits.detach(), temperature)
-        policy = policy_objective(token_logprobs(logits, roll.responses[idx], temperature),
-                                  entropy, roll.logprobs[idx], batch.advantages[idx],
+        if reuse:
+            logprobs = roll.logprobs_graph[idx]
+            entropy = roll.entropy_graph[idx] if spec.entropy_coef else roll.entropy[idx]
+        else:
+            logits = self.model.policy_logits(seq, attn, last=response_logit_positions(roll))[:, :-1]
+            logprobs = token_logprobs(logits, roll.responses[idx], temperature)
+            # detail: without an entropy bonus the entropy is only a statistic: taken off the graph, its
+            # [rows, tokens, vocabulary] softmax and products are freed at once instead of held for the
+            # backward (at GPT-2's 50k vocabulary, ~0.6 GB a 16-row minibatch)
+            entropy = entropy_from_logits(logits if spec.entropy_coef else logits.detach(), temperature)
+        policy = policy_objective(logprobs, entropy, roll.logprobs[idx], batch.advantages[idx],
                                   mask, clip_range=spec.clip_range, entropy_coef=spec.entropy_coef,
                                   aggregation=spec.loss_aggregation, normalizer=normalizer)
         # detail: the policy loss is backpropagated before the value pass switches the active adapter,
         # so gradient-checkpoint recomputation runs each role with its own adapter.
         self.manual_backward(policy.objective)
-        values = self.model.values(seq, attn)[:, roll.prompt_width - 1:-1]
+        values = roll.values_graph[idx] if reuse else self.model.values(seq, attn)[:, roll.prompt_width - 1:-1]
         value = value_objective(values, roll.values[idx], batch.returns[idx], mask, clip_range=spec.value_clip_range,
                                 vf_coef=spec.vf_coef, aggregation=spec.loss_aggregation, normalizer=normalizer)
         self.manual_backward(value.objective)
