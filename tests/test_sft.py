@@ -136,6 +136,53 @@ def test_a_packed_batch_gives_the_unpacked_loss_and_gradient(tiny_spec, tiny_tok
         torch.testing.assert_close(packed_grads[name], grads[name], rtol=1e-4, atol=1e-6)
 
 
+def test_the_lm_head_runs_from_the_position_before_the_first_scored_token():
+    from lightrlhf.stages.sft import scored_tail
+
+    # position t predicts token t + 1: row 2 scores token 2, predicted at position 1 -> keep 6 - 1 = 5
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 0, 0]])
+    assert scored_tail(mask) == 5
+    assert scored_tail(torch.tensor([[0, 0, 0, 0, 1]])) == 2
+    assert scored_tail(torch.tensor([[1, 1, 1, 1]])) == 4  # a whole-sequence loss: every position
+    assert scored_tail(torch.zeros(2, 3, dtype=torch.long)) == 3
+
+
+@pytest.mark.parametrize("completion_only", [True, False])
+def test_training_steps_loss_and_gradient_equal_the_full_logits_ones(tiny_spec, tiny_tokenizer, completion_only):
+    """The training step runs the LM head on the scored positions only: the loss and every LoRA gradient
+    are those of the logits of every position."""
+    from lightrlhf.models.causal_lm import load_causal_lm
+    from lightrlhf.stages.sft import SFTStage, scored_tail
+
+    texts = [("explain river rain , the long prompt :", "the river is wet ."), ("list stone and sand :", "stone ."),
+             ("describe a calm lake :", "lake calm water , kindly and warmly .")]
+    features = [encode_sft(tiny_tokenizer, p, c, 64, 16, TruncationReport()) for p, c in texts]
+    batch = collate_sft(tiny_tokenizer.pad_token_id)(features)
+    torch.manual_seed(0)
+    model = load_causal_lm(tiny_spec, tiny_tokenizer)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    stage = SFTStage(model, None, completion_only_loss=completion_only)
+    mask = stage._loss_mask(batch)
+    assert (scored_tail(mask) < batch["input_ids"].shape[1]) is completion_only
+    results = []
+    for trimmed in (True, False):
+        model.zero_grad()
+        if trimmed:
+            loss = stage.training_step(batch, 0)
+        else:
+            loss, _ = sft_loss(stage._logits(batch), batch["input_ids"], mask)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss, grads), (full_loss, full_grads) = results
+    torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=1e-7)
+    assert grads.keys() == full_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], full_grads[name], rtol=1e-5, atol=1e-7)
+
+
 def test_sft_with_packing_trains_and_resumes_as_one_run(tmp_path):
     common = ["stage=sft", "stage.datamodule.packing=true", "stage.eval.num_prompts=8", "trainer.val_check_interval=6",
               "callbacks.checkpoint.every_n_steps=6"]

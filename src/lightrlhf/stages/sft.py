@@ -50,6 +50,17 @@ def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Ten
     return nll / tokens.clamp(min=1), tokens
 
 
+def scored_tail(loss_mask: torch.Tensor) -> int:
+    """How many trailing positions' logits the loss reads. Position t predicts token t + 1, so from the
+    position before the first token any row scores to the end; all T when none is scored. With a
+    completion-only loss on prompt + completion rows that is about the completion's share: the LM
+    head (a [hidden, vocabulary] product per position, and its backward) runs on those alone."""
+    scored = loss_mask[:, 1:].any(0)
+    if not scored.any():
+        return loss_mask.shape[1]
+    return loss_mask.shape[1] - int(scored.nonzero()[0])
+
+
 class SFTStage(StageModule):
     default_metric = "val/loss"  # what `train.py` returns to a sweeper unless optimized_metric says otherwise
     stage_name = "sft"
@@ -78,8 +89,13 @@ class SFTStage(StageModule):
         return self.model(batch["input_ids"], batch["attention_mask"])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self._logits(batch)
-        loss, tokens = sft_loss(logits, batch["input_ids"], self._loss_mask(batch))
+        mask, ids = self._loss_mask(batch), batch["input_ids"]
+        if "position_ids" in batch:
+            loss, tokens = sft_loss(self._logits(batch), ids, mask)
+        else:  # the same loss and gradient with the LM head on the scored positions only (scored_tail)
+            keep = scored_tail(mask)
+            logits = self.model(ids, batch["attention_mask"], logits_to_keep=keep)
+            loss, tokens = sft_loss(logits, ids[:, -keep:], mask[:, -keep:])
         if not self.guard.screen(self.global_step, loss=loss.detach()):
             self.log("numerics/skipped_batches", float(self.guard.skipped_total))
             return None  # Lightning skips backward and the optimizer step for this batch
