@@ -268,6 +268,8 @@ DIFFERENCES = """## Settings and known differences from the peers
   reward normaliser) runs before the first timed batch; trl does not normalise scores. GRPO/RLOO
   sample one such batch too (the tripwires' baseline), also before the timed loop.
 - Gradient clipping at norm 1.0 in ours and in trl (its default); the floor does not clip.
+- SFT's LM head: ours runs it on the positions the completion-only loss reads (65 of 128), the floor
+  (Hugging Face's `labels=` loss) on all 128; the loss and gradient are the same.
 - Start-up: wall time includes imports, Hydra composition, model load and tokenization for ours,
   imports, model load and dataset processing for the peers.
 """
