@@ -13,7 +13,7 @@ from lightrlhf.bench import since
 from lightrlhf.bench.__main__ import chosen_names, main, round_order
 from lightrlhf.bench.compare import against_earlier
 from lightrlhf.bench.report import summarise
-from lightrlhf.bench.workload import ROOT, BenchError, Config, configurations
+from lightrlhf.bench.workload import ROOT, BenchError, Config, base_name, configurations
 
 SHA = "c076402a9a25c816facee18d38ee406f0e64548d"
 
@@ -23,7 +23,7 @@ def test_each_configuration_runs_beside_its_earlier_self_in_alternating_order():
     assert chosen == ["sft", "floor", "ppo", "trl_sft", "trl_ppo", "sft@c076402", "ppo@c076402"]  # no floor@
     assert round_order(chosen, 1) == ["trl_sft", "sft@c076402", "sft", "floor", "trl_ppo", "ppo@c076402", "ppo"]
     assert round_order(chosen, 2) == ["sft", "sft@c076402", "trl_sft", "floor", "ppo", "ppo@c076402", "trl_ppo"]
-    assert since.base_name("ppo1@c076402") == "ppo1" and since.base_name("ppo1") == "ppo1"
+    assert base_name("ppo1@c076402") == "ppo1" and base_name("ppo1") == "ppo1"
 
 
 def test_an_earlier_commits_run_uses_its_own_train_py_and_sources(tmp_path):

@@ -27,21 +27,24 @@ from lightrlhf.bench.compare import against_earlier, pairs, side_by_side
 from lightrlhf.bench.peers import ENVS, PEERS, check_env, peer_configurations
 from lightrlhf.bench.report import DIFFERENCES, counted, environment, git_commit, markdown, summarise
 from lightrlhf.bench.runner import run_timed, wait_until_idle
-from lightrlhf.bench.since import SEPARATOR, base_name, checkout, old_configurations, resolve, since_name
+from lightrlhf.bench.since import checkout, old_configurations, resolve
 from lightrlhf.bench.workload import (
     ASSETS,
     ONLINE,
     OUT,
     PAIRS,
     ROOT,
+    SEPARATOR,
     BenchError,
     Config,
+    base_name,
     check_sequence_lengths,
     configurations,
     ensure_assets,
     ensure_reward_export,
     read_result,
     require_peer_bench,
+    since_name,
 )
 
 NAMES = ("sft", "floor", "rm", "rm_floor", "ppo", "ppo1", "dpo", "grpo", "rloo")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightrlhf.bench.report import Summary, counted, fmt
-from lightrlhf.bench.workload import PAIRS
+from lightrlhf.bench.workload import PAIRS, SEPARATOR, since_name
 
 
 @dataclass(frozen=True)
@@ -24,15 +24,17 @@ class Pair:
     ratios: list[float]  # ours / trl in each round where both have a counted run, round order
 
 
-def rates_by_round(records: list[dict[str, Any]], keep_contaminated: bool = False) -> dict[int, float]:
-    """{round: rate} of the counted runs (a round's last one, if a run was repeated in it)."""
-    return {r["round"]: r["result"]["rate"] for r in records if counted(r, keep_contaminated) and "round" in r}
+def rates_by_round(records: list[dict[str, Any]], keep_contaminated: bool = False, key: str = "rate") -> dict[int, float]:
+    """{round: the result's `key`} of the counted runs that report it (a round's last one, if a run was
+    repeated in it)."""
+    return {r["round"]: r["result"][key] for r in records
+            if counted(r, keep_contaminated) and "round" in r and r["result"].get(key) is not None}
 
 
 def per_round_ratios(numerator: list[dict[str, Any]], denominator: list[dict[str, Any]],
-                     keep_contaminated: bool = False) -> list[float]:
-    """rate_num(k) / rate_den(k) for every round k with a counted run of both, in round order."""
-    top, bottom = rates_by_round(numerator, keep_contaminated), rates_by_round(denominator, keep_contaminated)
+                     keep_contaminated: bool = False, key: str = "rate") -> list[float]:
+    """key_num(k) / key_den(k) for every round k with a counted run of both, in round order."""
+    top, bottom = (rates_by_round(r, keep_contaminated, key) for r in (numerator, denominator))
     return [top[k] / bottom[k] for k in sorted(top.keys() & bottom.keys())]
 
 
@@ -79,11 +81,6 @@ def side_by_side(matched: list[Pair], records: dict[str, list[dict[str, Any]]],
     return "\n".join(lines) + "\n"
 
 
-def _by_round(records: list[dict[str, Any]], key: str, keep_contaminated: bool) -> dict[int, float]:
-    return {r["round"]: r["result"][key] for r in records
-            if counted(r, keep_contaminated) and "round" in r and r["result"].get(key)}
-
-
 def against_earlier(sha: str, summaries: dict[str, Summary], records: dict[str, list[dict[str, Any]]],
                     keep_contaminated: bool = False) -> str:
     """The markdown section of `--since`: each configuration now against commit `sha` (bench.since),
@@ -99,16 +96,16 @@ def against_earlier(sha: str, summaries: dict[str, Summary], records: dict[str, 
              " rollout now / then | rounds |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name in summaries:
-        earlier = f"{name}@{tag}"
-        if "@" in name or earlier not in summaries:
+        earlier = since_name(name, sha)
+        if SEPARATOR in name or earlier not in summaries:
             continue
         now, then = summaries[name], summaries[earlier]
         ratios = per_round_ratios(records[name], records[earlier], keep_contaminated)
         rollout = ["–", "–", "–"]
         tokens = now.config.secondary.get("generated tok/s")
         if tokens and "rollout_s" in now.extra and "rollout_s" in then.extra:
-            mine, theirs = (_by_round(records[n], "rollout_s", keep_contaminated) for n in (name, earlier))
-            speedups = [theirs[k] / mine[k] for k in sorted(mine.keys() & theirs.keys())]
+            # rollout tokens/s now / then = rollout_s then / rollout_s now
+            speedups = per_round_ratios(records[earlier], records[name], keep_contaminated, key="rollout_s")
             rollout = [f"{fmt(tokens / now.extra['rollout_s'])}", f"{fmt(tokens / then.extra['rollout_s'])}",
                        _ratio(speedups)]
         lines.append(f"| {now.config.title} | {now.config.unit} | {fmt(now.rate)} | {fmt(then.rate)} | "

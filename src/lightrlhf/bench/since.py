@@ -23,10 +23,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from lightrlhf.bench.workload import OUT, ROOT, BenchError, Config, peer_bench_dir
+from lightrlhf.bench.workload import OUT, ROOT, BenchError, Config, peer_bench_dir, since_name
 
 SINCE_DIR = OUT / "since"
-SEPARATOR = "@"
 
 # Run inside the old checkout (its sources first on sys.path): its own assets, reward export and
 # configurations, printed as JSON. Only what Config needs is read back; the old code's argv is then
@@ -76,15 +75,6 @@ def checkout(sha: str, root: Path = SINCE_DIR) -> Path:
 def source_env(path: Path) -> dict[str, str]:
     """The environment that makes this interpreter import the checkout's lightrlhf, not today's."""
     return {**os.environ, "PYTHONPATH": str(path / "src"), "PEER_BENCH": str(peer_bench_dir())}
-
-
-def since_name(name: str, sha: str) -> str:
-    return f"{name}{SEPARATOR}{sha[:7]}"
-
-
-def base_name(name: str) -> str:
-    """`ppo` for `ppo@1a2b3c4`, the name itself otherwise."""
-    return name.split(SEPARATOR, 1)[0]
 
 
 def old_configurations(path: Path, sha: str, names: list[str], scale: float) -> dict[str, Config]:

@@ -37,6 +37,7 @@ PROMPT_TOKENS, SEQUENCE_TOKENS, NEW_TOKENS, BATCH = 64, 128, 64, 16
 GROUP = 4  # GRPO/RLOO: responses per prompt (trl's num_generations)
 LORA_TARGETS = "[q_proj,k_proj,v_proj,o_proj]"
 ONLINE = ("ppo", "ppo1", "grpo", "rloo")  # sample, score and log time/rollout_s, time/update_s
+SEPARATOR = "@"  # `ppo@1a2b3c4`: the configuration `ppo` as commit 1a2b3c4 ran it (`bench.since`)
 # Each of our configurations and the trl peer that runs the same workload (`bench.peers`).
 PAIRS = {"sft": "trl_sft", "rm": "trl_reward", "ppo": "trl_ppo", "ppo1": "trl_ppo1", "dpo": "trl_dpo",
          "grpo": "trl_grpo", "rloo": "trl_rloo"}
@@ -47,6 +48,15 @@ NO_CLEANING = {"unicode": None, "control_chars": False, "whitespace": False, "dr
 
 class BenchError(Exception):
     """Something the person running the benchmark must fix; printed as one line, exit status 2."""
+
+
+def since_name(name: str, sha: str) -> str:
+    return f"{name}{SEPARATOR}{sha[:7]}"
+
+
+def base_name(name: str) -> str:
+    """`ppo` for `ppo@1a2b3c4`, the name itself otherwise."""
+    return name.split(SEPARATOR, 1)[0]
 
 
 def peer_bench_dir() -> Path:
@@ -321,7 +331,7 @@ def read_result(config: Config, run_dir: Path, log_text: str) -> dict[str, Any] 
         data = record.get("data", {})
         out["data_problems"] = {k: v for k, v in data.items() if "truncated" in k or "dropped" in k}
     log_file = run_dir / "run" / "train.log"
-    if config.name.split("@", 1)[0] in ONLINE and log_file.is_file():  # also an earlier commit's (`bench.since`)
+    if base_name(config.name) in ONLINE and log_file.is_file():  # also an earlier commit's (`bench.since`)
         out["shares_base"] = "shares the policy's base" in log_file.read_text()
         out.update(ppo_time_split(run_dir / "run" / "tb", skip=timer["warmup"]))
     return out
