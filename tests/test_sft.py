@@ -147,8 +147,10 @@ def test_the_lm_head_runs_from_the_position_before_the_first_scored_token():
     assert scored_tail(torch.zeros(2, 3, dtype=torch.long)) == 3
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("completion_only", [True, False])
-def test_training_steps_loss_and_gradient_equal_the_full_logits_ones(tiny_spec, tiny_tokenizer, completion_only):
+def test_training_steps_loss_and_gradient_equal_the_full_logits_ones(tiny_spec, tiny_tokenizer, completion_only,
+                                                                     packed):
     """The training step runs the LM head on the scored positions only: the loss and every LoRA gradient
     are those of the logits of every position."""
     from lightrlhf.models.causal_lm import load_causal_lm
@@ -157,7 +159,8 @@ def test_training_steps_loss_and_gradient_equal_the_full_logits_ones(tiny_spec, 
     texts = [("explain river rain , the long prompt :", "the river is wet ."), ("list stone and sand :", "stone ."),
              ("describe a calm lake :", "lake calm water , kindly and warmly .")]
     features = [encode_sft(tiny_tokenizer, p, c, 64, 16, TruncationReport()) for p, c in texts]
-    batch = collate_sft(tiny_tokenizer.pad_token_id)(features)
+    batch = collate_sft(tiny_tokenizer.pad_token_id, 64 if packed else None)(features)
+    assert ("position_ids" in batch) is packed
     torch.manual_seed(0)
     model = load_causal_lm(tiny_spec, tiny_tokenizer)
     with torch.no_grad():

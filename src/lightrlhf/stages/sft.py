@@ -83,19 +83,16 @@ class SFTStage(StageModule):
     def _loss_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["completion_mask"] if self.completion_only_loss else batch["token_mask"]
 
-    def _logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _logits(self, batch: dict[str, torch.Tensor], last: int = 0) -> torch.Tensor:
+        """[B, T, V]; with `last` > 0 the last `last` positions' only (the LM head runs on those alone)."""
         if "position_ids" in batch:  # packed rows (data/modules.py pack_rows): the positions delimit the demonstrations
-            return self.model(batch["input_ids"], None, position_ids=batch["position_ids"])
-        return self.model(batch["input_ids"], batch["attention_mask"])
+            return self.model(batch["input_ids"], None, position_ids=batch["position_ids"], logits_to_keep=last)
+        return self.model(batch["input_ids"], batch["attention_mask"], logits_to_keep=last)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         mask, ids = self._loss_mask(batch), batch["input_ids"]
-        if "position_ids" in batch:
-            loss, tokens = sft_loss(self._logits(batch), ids, mask)
-        else:  # the same loss and gradient with the LM head on the scored positions only (scored_tail)
-            keep = scored_tail(mask)
-            logits = self.model(ids, batch["attention_mask"], logits_to_keep=keep)
-            loss, tokens = sft_loss(logits, ids[:, -keep:], mask[:, -keep:])
+        keep = scored_tail(mask)  # the same loss and gradient with the LM head on the scored positions only
+        loss, tokens = sft_loss(self._logits(batch, keep), ids[:, -keep:], mask[:, -keep:])
         if not self.guard.screen(self.global_step, loss=loss.detach()):
             self.log("numerics/skipped_batches", float(self.guard.skipped_total))
             return None  # Lightning skips backward and the optimizer step for this batch
