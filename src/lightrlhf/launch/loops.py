@@ -239,19 +239,21 @@ class ActiveSelection:
         tail = [""] if batches == 1 else [f"_b{b}" for b in range(1, batches + 1)]
         return [(f"select_{rule}_s{seed}{t}", f"labels_{rule}_s{seed}{t}", f"ensemble_{rule}_s{seed}{t}") for t in tail]
 
+    def heldout_step(self, name: str, group: str, *wiring: str) -> LoopStep:
+        """A sample_pairs step on the held-out prompts that asks nothing (one pair, never labelled)."""
+        return LoopStep(name, list(self.heldout) + ["policy.init={sft}/export", "stage.selection=random",
+                                                    "stage.budget=1", "stage.id_prefix=heldout-", *wiring], group)
+
     def evaluation(self, name: str, reward_model: str) -> LoopStep:
         """The step that scores the held-out pool with `reward_model`'s export: its gold accuracy on the
-        SFT policy's own answers (pairs/gold_accuracy_pool); it asks nothing (one pair, never labelled)."""
-        return LoopStep(name, list(self.heldout) + [
-            "policy.init={sft}/export", f"stage.pool={{{HELDOUT_POOL}}}/pool.jsonl", "stage.selection=random",
-            "stage.budget=1", f"stage.reward_model={{{reward_model}}}/export", "stage.id_prefix=heldout-"], "evaluate")
+        SFT policy's own answers (pairs/gold_accuracy_pool)."""
+        return self.heldout_step(name, "evaluate", f"stage.pool={{{HELDOUT_POOL}}}/pool.jsonl",
+                                 f"stage.reward_model={{{reward_model}}}/export")
 
     def steps(self) -> list[LoopStep]:
         steps = [LoopStep("sft", list(self.sft), "sft")]
         if self.heldout:  # answers of the SFT policy to held-out prompts, once for every seed and rule
-            steps.append(LoopStep(HELDOUT_POOL, list(self.heldout) + [
-                "policy.init={sft}/export", "stage.selection=random", "stage.budget=1", "stage.id_prefix=heldout-"],
-                "heldout"))
+            steps.append(self.heldout_step(HELDOUT_POOL, "heldout"))
         for s in self.seeds:
             seed = (f"seed={s}",)
             pool, seed_labels, ensemble = f"pool_s{s}", f"seed_labels_s{s}", f"ensemble_s{s}"
