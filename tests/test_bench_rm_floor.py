@@ -52,7 +52,8 @@ def test_unequal_lengths_are_refused_in_one_line(tmp_path, tiny_tokenizer):
         f.write(json.dumps({"prompt": "say :", "chosen": " good", "rejected": " bad river stone light"}) + "\n")
     done = subprocess.run([sys.executable, rm_floor.__file__, "--assets", str(assets), "--steps", "2"],
                           capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith("pref.jsonl: sequences of 6 to")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith(f"{assets / 'pref.jsonl'}: sequences of 6 to 10 tokens")
     assert "Traceback" not in done.stderr
 
 

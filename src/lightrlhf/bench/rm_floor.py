@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
@@ -56,8 +57,9 @@ def main(argv: list[str] | None = None) -> None:
         rejected.append(prompt + tok(r["rejected"])["input_ids"] + [tok.eos_token_id])
     lengths = {len(row) for row in chosen + rejected}
     if len(lengths) != 1:  # the floor pads nothing: PEERS.md's sequences are all 128 tokens
-        raise SystemExit(f"pref.jsonl: sequences of {sorted(lengths)[0]} to {sorted(lengths)[-1]} tokens; the floor "
-                         f"needs one length (PEERS.md's assets: {SEQUENCE_TOKENS})")
+        print(f"{os.path.join(args.assets, 'pref.jsonl')}: sequences of {min(lengths)} to {max(lengths)} tokens; the "
+              f"floor needs one length (PEERS.md's assets: {SEQUENCE_TOKENS})", file=sys.stderr)
+        raise SystemExit(2)
     chosen_ids, rejected_ids = torch.tensor(chosen), torch.tensor(rejected)
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype="float32")
